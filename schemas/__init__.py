@@ -1,0 +1,1 @@
+"""Wire models for every chunkfold topic record; importable on their own by downstream services."""

@@ -1,0 +1,56 @@
+"""Settings shared by every command: topic names, partitions, timeouts, limits.
+
+Each setting reads ``CHUNKFOLD_<NAME>`` from the environment; CLI flags override it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+def _env(name: str, default: Any) -> Any:
+    raw = os.environ.get(f"CHUNKFOLD_{name.upper()}")
+    if raw is None:
+        return default
+    if isinstance(default, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    bootstrap_servers: str = field(default_factory=lambda: os.environ.get("KAFKA_BOOTSTRAP_SERVERS", ""))
+    app_id: str = "chunkfold"
+    input_topic: str = "completion-chunks"
+    events_topic: str = "completion-events"
+    done_topic: str = "completion-done"
+    deadletter_topic: str = "completion-deadletter"
+    partitions: int = 8
+    replication_factor: int = 1
+    idle_timeout_s: float = 600.0
+    tombstone_s: float = 600.0
+    sweep_interval_s: float = 5.0
+    commit_interval_s: float = 1.0
+    flush_max_chunks: int = 256
+    max_record_bytes: int = 1 << 20
+    store: str = "memory://"
+    data_dir: str = ".cache/chunkfold-data"
+    snapshots: bool = False
+    partial_parse: bool = False
+    processing_guarantee: str = "at_least_once"
+    web_port: int = 6066
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        values = {
+            f.name: _env(f.name, getattr(cls(), f.name)) for f in fields(cls) if f.name != "bootstrap_servers"
+        }
+        values["bootstrap_servers"] = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,1 @@
+"""The pure accumulation engine: no Kafka, no Faust, no asyncio (a test enforces it)."""

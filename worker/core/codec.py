@@ -1,0 +1,33 @@
+"""The one place bytes cross into and out of Python values: orjson out, orjson in, jiter for partial JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jiter
+import orjson
+
+
+class DecodeError(ValueError):
+    """The bytes are not valid JSON (or not valid UTF-8)."""
+
+
+def loads(data: bytes | bytearray | memoryview | str) -> Any:
+    """Parse one JSON document; raises ``DecodeError`` with a one-line reason."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(str(exc).splitlines()[0]) from None
+
+
+def dumps(value: Any) -> bytes:
+    """Compact JSON bytes; non-str dict keys are stringified, floats keep their value."""
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+
+
+def loads_partial(data: bytes | bytearray) -> Any:
+    """Parse a JSON prefix the way openai-python does on deltas (jiter ``partial_mode=True``).
+
+    Raises ``ValueError`` where jiter does (the prefix cannot start a JSON value).
+    """
+    return jiter.from_json(bytes(data), partial_mode=True)

@@ -1,0 +1,809 @@
+"""The accumulation engine: a pure step ``fold(state, record) -> FoldResult``.
+
+Semantics follow openai-python's ``ChatCompletionStreamState`` event for event on every stream
+that class handles; where real providers break it (out-of-order choices, repeated ids, missing
+tool-call indexes, usage in the middle) the engine stays correct instead. Per-chunk work is
+O(size of the chunk): text is appended to buffers and only parsed whole once, at ``*.done``.
+Snapshots and partial parses on delta events (what the SDK recomputes per chunk) are opt-in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.core import codec, shape
+from worker.core.records import CHUNK_OBJECT, InputRecord, InvalidRecord, RecordKind, validate_request
+from worker.core.state import (
+    REASONING_FIELDS,
+    TEXT_FIELDS,
+    AnyState,
+    ChoiceState,
+    ClosedCompletion,
+    CompletionState,
+    RequestSpec,
+    ToolCallState,
+)
+from worker.core.validation import SchemaValidationError, parse_and_validate
+
+DONE_RECORD_VERSION = 1
+TRUNCATING_FINISH_REASONS = ("length", "content_filter")
+_SKIP_DELTA_KEYS = frozenset({"role", "tool_calls", *TEXT_FIELDS, *REASONING_FIELDS})
+_SKIP_CHOICE_KEYS = frozenset({"index", "delta", "finish_reason", "logprobs"})
+_SKIP_HEADER_KEYS = frozenset({"choices", "usage", "obfuscation", "system_fingerprint", "moderation"})
+
+
+class Status:
+    COMPLETED = "completed"
+    LENGTH = "length"
+    CONTENT_FILTER = "content_filter"
+    ABORTED = "aborted"
+    EXPIRED = "expired"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class FoldOptions:
+    """``snapshots``: accumulated text/lists on delta events. ``partial_parse``: ``parsed`` /
+    ``parsed_arguments`` on delta events (a partial JSON parse per chunk: O(n) each). ``sdk``:
+    exactly openai-python: only its event types, and its exceptions where it raises."""
+
+    snapshots: bool = False
+    partial_parse: bool = False
+    sdk: bool = False
+
+
+KAFKA_OPTIONS = FoldOptions()
+SDK_OPTIONS = FoldOptions(snapshots=True, partial_parse=True, sdk=True)
+
+
+@dataclass(slots=True)
+class FoldResult:
+    """``state`` replaces the stored state (``None``: delete it). ``stream_error`` names the SDK
+    exception the SDK would have raised on this record. ``skipped`` says why a record was not
+    applied (``replayed``: at or below the stored offset; ``duplicate``: a seq already seen)."""
+
+    state: AnyState | None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    done: dict[str, Any] | None = None
+    stream_error: str | None = None
+    skipped: str | None = None
+
+
+class _StreamError(Exception):
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+
+
+def fold(
+    state: AnyState | None, completion_id: str, record: InputRecord, options: FoldOptions = KAFKA_OPTIONS
+) -> FoldResult:
+    """Fold one record into the completion's state.
+
+    Invariants: a record at or below ``state.last_offset`` or with a ``seq`` already seen is
+    skipped without any output; a record that cannot be applied raises ``InvalidRecord`` and
+    leaves ``state`` untouched; a completion produces exactly one ``done`` record, after which
+    its state becomes a ``ClosedCompletion`` tombstone.
+    """
+    if state is not None:
+        if record.offset is not None and state.last_offset is not None and record.offset <= state.last_offset:
+            if isinstance(state, CompletionState):
+                state.counters.replayed_skipped += 1
+            return FoldResult(state, skipped="replayed")
+        if record.seq is not None and state.next_seq is not None and record.seq < state.next_seq:
+            if isinstance(state, CompletionState):
+                state.counters.duplicates_dropped += 1
+                _touch(state, record)
+            return FoldResult(state, skipped="duplicate")
+    if isinstance(state, ClosedCompletion):
+        raise InvalidRecord(
+            "after_end", f"{record.kind.value} record after the completion ended ({state.status})"
+        )
+    if state is None:
+        if record.kind in (RecordKind.DONE, RecordKind.ABORT):
+            raise InvalidRecord(
+                "unknown_completion", f"{record.kind.value} record for a completion with no open state"
+            )
+        state = CompletionState(completion_id)
+
+    result = FoldResult(state)
+    if record.kind is RecordKind.REQUEST:
+        if state.request is not None:
+            raise InvalidRecord("duplicate_request", "a second request context for one completion")
+        validate_request(record.payload)
+        state.request = record.payload
+        state.spec = RequestSpec.from_request(record.payload)
+        state.request_ms = record.timestamp_ms
+    elif record.kind is RecordKind.CHUNK:
+        _fold_chunk(state, record, options, result)
+    _advance(state, record)
+    if record.kind is RecordKind.DONE or result.stream_error == "APIError":
+        _close(state, None, record.timestamp_ms, result)
+    elif record.kind is RecordKind.ABORT:
+        reason = (record.payload or {}).get("reason")
+        _close(state, Status.ABORTED, record.timestamp_ms, result, abort_reason=reason)
+    return result
+
+
+def expire(state: AnyState, now_ms: int | None) -> FoldResult:
+    """Close an idle open completion (status ``expired``, leaving a tombstone); drop a tombstone."""
+    if isinstance(state, ClosedCompletion):
+        return FoldResult(None)
+    result = FoldResult(state)
+    _close(state, Status.EXPIRED, now_ms, result)
+    return result
+
+
+def idle_since_ms(state: AnyState) -> int | None:
+    """Time of the last record folded into ``state`` (or of its end, for a tombstone)."""
+    if isinstance(state, ClosedCompletion):
+        return state.closed_at_ms if state.closed_at_ms is not None else state.last_activity_ms
+    return state.last_activity_ms
+
+
+def _touch(state: CompletionState, record: InputRecord) -> None:
+    if record.timestamp_ms is not None:
+        state.last_activity_ms = record.timestamp_ms
+
+
+def _advance(state: CompletionState, record: InputRecord) -> None:
+    if record.offset is not None:
+        state.last_offset = record.offset
+    if record.seq is not None:
+        expected = state.next_seq if state.next_seq is not None else 0
+        if record.seq > expected:
+            state.counters.seq_gaps += 1
+            state.counters.missing_records += record.seq - expected
+        state.next_seq = record.seq + 1
+    _touch(state, record)
+
+
+# ---------------------------------------------------------------------------------------------
+# chunks
+
+
+def _fold_chunk(
+    state: CompletionState, record: InputRecord, options: FoldOptions, result: FoldResult
+) -> None:
+    chunk: dict[str, Any] = record.payload
+    error = chunk.get("error")
+    if error:
+        message = error.get("message") if isinstance(error, dict) else None
+        if not isinstance(message, str) or not message:
+            message = "An error occurred during streaming"
+        if state.status is None:
+            state.status, state.error = Status.FAILED, {"type": "APIError", "message": message}
+        result.stream_error = "APIError"
+        return
+    obj = chunk.get("object")
+    if obj is not None and obj != CHUNK_OBJECT:
+        state.counters.skipped_frames += 1
+        return
+    choices: list[dict[str, Any]] = chunk.get("choices") or []
+    tool_indexes = [_resolve_tool_indexes(state, choice) for choice in choices]
+
+    counters = state.counters
+    counters.chunks += 1
+    ts = record.timestamp_ms
+    if ts is not None:
+        if state.first_chunk_ms is None:
+            state.first_chunk_ms = ts
+        state.last_chunk_ms = ts
+    if state.header is None:
+        header = {k: v for k, v in chunk.items() if k not in _SKIP_HEADER_KEYS}
+        header["object"] = "chat.completion"
+        state.header = header
+
+    events: list[dict[str, Any]] | None = [] if state.status is None else None
+    for choice, indexes in zip(choices, tool_indexes, strict=True):
+        try:
+            _fold_choice(state, choice, indexes, options, events, ts)
+        except _StreamError as exc:
+            state.status = _status_for(exc.error_type)
+            state.error = {"type": exc.error_type, "message": exc.message}
+            result.stream_error = exc.error_type
+            events = None
+
+    usage = chunk.get("usage")
+    if usage is not None:
+        state.usage = usage
+    fingerprint = chunk.get("system_fingerprint")
+    if fingerprint is not None:
+        state.system_fingerprint = fingerprint
+    moderation = chunk.get("moderation")
+    if moderation is not None:
+        state.moderation = moderation
+    if events:
+        result.events.extend(_number(state, events))
+
+
+def _status_for(error_type: str) -> str:
+    if error_type == "LengthFinishReasonError":
+        return Status.LENGTH
+    if error_type == "ContentFilterFinishReasonError":
+        return Status.CONTENT_FILTER
+    return Status.FAILED
+
+
+def _number(state: CompletionState, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for event in events:
+        event["seq"] = state.event_seq
+        state.event_seq += 1
+    return events
+
+
+def _resolve_tool_indexes(state: CompletionState, choice: dict[str, Any]) -> list[int]:
+    """The tool-call index of each tool-call delta of ``choice``, inferring missing ones.
+
+    A delta without ``index`` continues the one open call, or starts a new call when it
+    carries an ``id`` none of the open calls has; anything else is ambiguous and rejected.
+    Nothing is mutated here, so a rejected chunk leaves the state as it was.
+    """
+    delta = choice.get("delta") or {}
+    calls = delta.get("tool_calls") or ()
+    if not calls:
+        return []
+    existing = state.choices.get(choice["index"])
+    known = {i: t for i, t in existing.tools.items()} if existing else {}
+    open_calls = [i for i, t in known.items() if not t.done]
+    current = existing.current_tool if existing else None
+    out: list[int] = []
+    for call in calls:
+        index = call.get("index")
+        if index is None:
+            call_id = call.get("id")
+            known_ids = {t.id: i for i, t in known.items() if t.id}
+            if call_id and call_id in known_ids:
+                index = known_ids[call_id]
+            elif call_id:
+                index = max([*known, *out, -1]) + 1
+            elif len(open_calls) == 1:
+                index = open_calls[0]
+            elif not open_calls and current is not None:
+                index = current
+            else:
+                raise InvalidRecord(
+                    "ambiguous_tool_call",
+                    f"tool-call delta without index while {len(open_calls)} calls are open",
+                )
+        if index not in known and index not in out:
+            if current is not None and current in open_calls:
+                open_calls.remove(current)
+            open_calls.append(index)
+            current = index
+        out.append(index)
+    return out
+
+
+def _merge_identity(old: str | None, new: str) -> str:
+    """Ids, names and roles are identities: a repeated value is kept once, not concatenated."""
+    if not old or new == old or new.startswith(old):
+        return new
+    if old.endswith(new):
+        return old
+    return old + new
+
+
+def _fold_choice(
+    state: CompletionState,
+    choice: dict[str, Any],
+    tool_indexes: list[int],
+    options: FoldOptions,
+    events: list[dict[str, Any]] | None,
+    ts: int | None,
+) -> None:
+    index: int = choice["index"]
+    cs = state.choices.get(index)
+    if cs is None:
+        cs = state.choice(index)
+        cs.choice_extra = {k: v for k, v in choice.items() if k not in _SKIP_CHOICE_KEYS}
+    delta: dict[str, Any] = choice.get("delta") or {}
+
+    role = delta.get("role")
+    if role is not None:
+        cs.role = role if cs.role is None else cs.role
+    got_token = False
+    for name in (*TEXT_FIELDS, *REASONING_FIELDS):
+        if name not in delta:
+            continue
+        value = delta[name]
+        buf = cs.text.get(name)
+        if value is None:
+            cs.text.setdefault(name, None)
+        elif buf is None:
+            cs.text[name] = bytearray(value.encode("utf-8"))
+        else:
+            buf += value.encode("utf-8")
+        got_token = got_token or bool(value)
+    for key, value in delta.items():
+        if key not in _SKIP_DELTA_KEYS:
+            _accumulate_value(cs.message_extra, key, value)
+
+    tool_calls = delta.get("tool_calls") or ()
+    touched: list[tuple[ToolCallState, str]] = []
+    for call, tool_index in zip(tool_calls, tool_indexes, strict=True):
+        tool = cs.tools.get(tool_index)
+        if tool is None:
+            tool = cs.tools[tool_index] = ToolCallState(tool_index)
+        if call.get("id"):
+            tool.id = _merge_identity(tool.id, call["id"])
+        if call.get("type") is not None:
+            tool.type = call["type"]
+        function = call.get("function") or {}
+        if function.get("name"):
+            tool.name = _merge_identity(tool.name, function["name"])
+        args_delta = function.get("arguments") or ""
+        if args_delta:
+            tool.arguments += args_delta.encode("utf-8")
+            got_token = True
+        for key, value in call.items():
+            if key not in ("index", "id", "type", "function"):
+                _accumulate_value(tool.extra, key, value)
+        for key, value in function.items():
+            if key not in ("name", "arguments"):
+                _accumulate_value(tool.function_extra, key, value)
+        touched.append((tool, args_delta))
+    if got_token and state.first_token_ms is None:
+        state.first_token_ms = ts
+
+    logprobs = choice.get("logprobs")
+    _fold_logprobs(cs, logprobs)
+    finish_reason = choice.get("finish_reason")
+    if finish_reason:
+        cs.finish_reason = finish_reason
+        if state.status is None and state.spec.parseable and finish_reason in TRUNCATING_FINISH_REASONS:
+            if finish_reason == "length":
+                raise _StreamError("LengthFinishReasonError", "finish_reason length with parseable input")
+            raise _StreamError(
+                "ContentFilterFinishReasonError", "finish_reason content_filter with parseable input"
+            )
+    if events is None:
+        return
+    if options.partial_parse:
+        _partial_parse(state, cs, delta, touched, options)
+
+    content_delta = delta.get("content")
+    if content_delta is not None and cs.has_text("content"):
+        event: dict[str, Any] = _event("content.delta", index, delta=content_delta)
+        if options.snapshots:
+            event["snapshot"] = cs.text_of("content")
+        if options.partial_parse:
+            event["parsed"] = cs.parsed_partial
+        events.append(event)
+    refusal_delta = delta.get("refusal")
+    if refusal_delta is not None and cs.has_text("refusal"):
+        event = _event("refusal.delta", index, delta=refusal_delta)
+        if options.snapshots:
+            event["snapshot"] = cs.text_of("refusal")
+        events.append(event)
+    if not options.sdk:
+        for name in REASONING_FIELDS:
+            if delta.get(name):
+                events.append(_event("reasoning.delta", index, field=name, delta=delta[name]))
+    for tool, args_delta in touched:
+        event = _event("tool_calls.function.arguments.delta", index, name=tool.name, index=tool.index)
+        if options.snapshots:
+            event["arguments"] = tool.arguments_text()
+        if options.partial_parse:
+            event["parsed_arguments"] = tool.parsed_partial
+        event["arguments_delta"] = args_delta
+        events.append(event)
+    _logprobs_events(cs, logprobs, options, events)
+    _done_events(state, cs, tool_indexes, options, events)
+
+
+def _event(event_type: str, choice_index: int, **fields: Any) -> dict[str, Any]:
+    return {"type": event_type, "choice_index": choice_index, **fields}
+
+
+def _partial_parse(
+    state: CompletionState,
+    cs: ChoiceState,
+    delta: dict[str, Any],
+    touched: list[tuple[ToolCallState, str]],
+    options: FoldOptions,
+) -> None:
+    """openai-python's per-chunk partial parses (O(text so far)); opt-in outside SDK mode."""
+    if state.spec.structured and (options.sdk or delta.get("content")):
+        content = cs.text.get("content")
+        refusal = cs.text.get("refusal")
+        if content and not refusal and content.lstrip():
+            try:
+                cs.parsed_partial = codec.loads_partial(content)
+            except ValueError as exc:
+                if options.sdk:
+                    raise _StreamError("ValueError", str(exc)) from None
+    for tool, _ in touched:
+        spec = state.spec.tools.get(tool.name or "")
+        if spec is not None and spec.strict and tool.arguments:
+            try:
+                tool.parsed_partial = codec.loads_partial(tool.arguments)
+            except ValueError as exc:
+                if options.sdk:
+                    raise _StreamError("ValueError", str(exc)) from None
+
+
+def _fold_logprobs(cs: ChoiceState, logprobs: dict[str, Any] | None) -> None:
+    if logprobs is None:
+        return
+    content, refusal = logprobs.get("content"), logprobs.get("refusal")
+    if not cs.logprobs_seen:
+        cs.logprobs_seen = True
+        cs.logprobs_content = None if content is None else _entries(content)
+        cs.logprobs_refusal = None if refusal is None else _entries(refusal)
+        return
+    if content:
+        cs.logprobs_content = _append_entries(cs.logprobs_content, content)
+    if refusal:
+        cs.logprobs_refusal = _append_entries(cs.logprobs_refusal, refusal)
+
+
+def _logprobs_events(
+    cs: ChoiceState, logprobs: dict[str, Any] | None, options: FoldOptions, events: list[dict[str, Any]]
+) -> None:
+    if logprobs is None:
+        return
+    for kind in ("content", "refusal"):
+        delta = logprobs.get(kind)
+        buf = cs.logprobs_content if kind == "content" else cs.logprobs_refusal
+        if delta and buf:
+            event = _event(f"logprobs.{kind}.delta", cs.index, **{kind: _tokens(delta)})
+            if options.snapshots:
+                event["snapshot"] = _tokens(_load_entries(buf))
+            events.append(event)
+
+
+def _entries(items: list[Any]) -> bytearray:
+    return bytearray(b",".join(codec.dumps(item) for item in items))
+
+
+def _append_entries(buf: bytearray | None, items: list[Any]) -> bytearray:
+    if buf is None:
+        return _entries(items)
+    if buf:
+        buf += b","
+    buf += _entries(items)
+    return buf
+
+
+def _load_entries(buf: bytearray) -> list[Any]:
+    result: list[Any] = codec.loads(b"[" + buf + b"]")
+    return result
+
+
+def _tokens(items: list[Any]) -> list[Any]:
+    return [shape.normalize(item, shape.TOKEN_LOGPROB) for item in items]
+
+
+def _done_events(
+    state: CompletionState,
+    cs: ChoiceState,
+    tool_indexes: list[int],
+    options: FoldOptions,
+    events: list[dict[str, Any]],
+) -> None:
+    """openai-python's ``ChoiceEventState.get_done_events``: text is done at the choice's
+    finish or when a tool call starts; a tool call is done when the next one starts or at finish."""
+    if cs.finish_reason:
+        _text_done_events(state, cs, options, events)
+        if cs.current_tool is not None and not cs.tools[cs.current_tool].done:
+            _tool_done_event(state, cs, cs.current_tool, events)
+    for tool_index in tool_indexes:
+        if cs.current_tool != tool_index:
+            _text_done_events(state, cs, options, events)
+            if cs.current_tool is not None:
+                _tool_done_event(state, cs, cs.current_tool, events)
+        cs.current_tool = tool_index
+
+
+def _text_done_events(
+    state: CompletionState, cs: ChoiceState, options: FoldOptions, events: list[dict[str, Any]]
+) -> None:
+    index = cs.index
+    if not options.sdk and not cs.reasoning_done:
+        for name in REASONING_FIELDS:
+            if cs.text.get(name):
+                cs.reasoning_done = True
+                events.append(_event("reasoning.done", index, field=name, reasoning=cs.text_of(name)))
+    content = cs.text_of("content")
+    if content and not cs.content_done:
+        cs.content_done = True
+        parsed = _parse_content(state, cs, content)
+        cs.parsed_partial = parsed
+        events.append(_event("content.done", index, content=content, parsed=parsed))
+    if cs.has_text("refusal") and not cs.refusal_done:
+        cs.refusal_done = True
+        events.append(_event("refusal.done", index, refusal=cs.text_of("refusal")))
+    if cs.logprobs_seen and cs.logprobs_content is not None and not cs.logprobs_content_done:
+        cs.logprobs_content_done = True
+        events.append(
+            _event("logprobs.content.done", index, content=_tokens(_load_entries(cs.logprobs_content)))
+        )
+    if cs.logprobs_seen and cs.logprobs_refusal is not None and not cs.logprobs_refusal_done:
+        cs.logprobs_refusal_done = True
+        events.append(
+            _event("logprobs.refusal.done", index, refusal=_tokens(_load_entries(cs.logprobs_refusal)))
+        )
+
+
+def _tool_done_event(
+    state: CompletionState, cs: ChoiceState, tool_index: int, events: list[dict[str, Any]]
+) -> None:
+    tool = cs.tools[tool_index]
+    if tool.done:
+        return
+    tool.done = True
+    parsed = _parse_tool_arguments(state, tool)
+    tool.parsed_partial = parsed
+    events.append(
+        _event(
+            "tool_calls.function.arguments.done",
+            cs.index,
+            index=tool_index,
+            name=tool.name,
+            arguments=tool.arguments_text(),
+            parsed_arguments=parsed,
+        )
+    )
+
+
+def _parse_content(state: CompletionState, cs: ChoiceState, content: str) -> Any:
+    """The validated structured output of a choice, or None where the SDK gives None."""
+    if not state.spec.structured or not content or cs.text.get("refusal"):
+        return None
+    try:
+        return parse_and_validate(content, state.spec.response_schema_json)
+    except SchemaValidationError as exc:
+        raise _StreamError("ValidationError", f"choice {cs.index} content: {exc}") from None
+
+
+def _parse_tool_arguments(state: CompletionState, tool: ToolCallState) -> Any:
+    spec = state.spec.tools.get(tool.name or "")
+    if spec is None or not spec.strict:
+        return None
+    try:
+        return parse_and_validate(tool.arguments_text(), spec.schema_json)
+    except SchemaValidationError as exc:
+        raise _StreamError(
+            "ValidationError", f"tool call {tool.index} ({tool.name}) arguments: {exc}"
+        ) from None
+
+
+def _accumulate_value(acc: dict[str, Any], key: str, value: Any) -> None:
+    """openai-python's ``accumulate_delta`` for one key of fields chunkfold has no buffer for
+    (``function_call``, ``audio``, provider extras): strings and numbers add up, dicts merge,
+    lists of indexed entries merge by ``index``, ``index``/``type`` are replaced."""
+    if acc.get(key) is None:
+        if isinstance(value, list) and any(isinstance(v, dict) and "index" in v for v in value):
+            acc[key] = []
+        else:
+            acc[key] = value
+            return
+    current = acc[key]
+    if key in ("index", "type"):
+        acc[key] = value
+    elif (isinstance(current, str) and isinstance(value, str)) or (
+        isinstance(current, (int, float)) and isinstance(value, (int, float)) and not isinstance(value, bool)
+    ):
+        acc[key] = current + value
+    elif isinstance(current, dict) and isinstance(value, dict):
+        merged = dict(current)
+        for sub_key, sub_value in value.items():
+            _accumulate_value(merged, sub_key, sub_value)
+        acc[key] = merged
+    elif isinstance(current, list) and isinstance(value, list):
+        indexed = [v for v in value if isinstance(v, dict) and isinstance(v.get("index"), int)]
+        if not indexed:
+            acc[key] = current + value
+            return
+        merged_list = list(current)
+        for entry in indexed:
+            position = next(
+                (
+                    i
+                    for i, e in enumerate(merged_list)
+                    if isinstance(e, dict) and e.get("index") == entry["index"]
+                ),
+                None,
+            )
+            if position is None:
+                merged_list.append(entry)
+            else:
+                holder = {"v": merged_list[position]}
+                _accumulate_value(holder, "v", entry)
+                merged_list[position] = holder["v"]
+        acc[key] = merged_list
+
+
+# ---------------------------------------------------------------------------------------------
+# the end of a completion
+
+
+def build_completion(state: CompletionState, *, parse: str) -> dict[str, Any] | None:
+    """The ``ParsedChatCompletion`` dump of ``state`` (None before the first chunk).
+
+    ``parse``: ``"all"`` parses every choice like ``get_final_completion`` (raising
+    ``_StreamError``); ``"finished"`` parses only choices that finished normally and leaves
+    ``parsed`` null where the text is truncated or invalid; ``"none"`` parses nothing.
+    """
+    if state.header is None:
+        return None
+    choices = [_choice_dump(state, cs, parse) for _, cs in sorted(state.choices.items())]
+    completion = {
+        **state.header,
+        "choices": choices,
+        "system_fingerprint": state.system_fingerprint,
+        "usage": state.usage,
+    }
+    if state.moderation is not None:
+        completion["moderation"] = state.moderation
+    result: dict[str, Any] = shape.normalize(completion, shape.COMPLETION)
+    return result
+
+
+def _choice_dump(state: CompletionState, cs: ChoiceState, parse: str) -> dict[str, Any]:
+    parse_this = parse == "all" or (
+        parse == "finished"
+        and cs.finish_reason is not None
+        and cs.finish_reason not in TRUNCATING_FINISH_REASONS
+    )
+    lenient = parse != "all"
+    message: dict[str, Any] = dict(cs.message_extra)
+    message["role"] = cs.role
+    for name in cs.text:
+        message[name] = cs.text_of(name)
+    if cs.tools:
+        message["tool_calls"] = [
+            _tool_dump(state, t, parse_this, lenient) for _, t in sorted(cs.tools.items())
+        ]
+    content = message.get("content")
+    message["parsed"] = _guarded(
+        lambda: _parse_content(state, cs, content), parse_this and bool(content), lenient
+    )
+    logprobs = None
+    if cs.logprobs_seen:
+        logprobs = {
+            "content": None if cs.logprobs_content is None else _load_entries(cs.logprobs_content),
+            "refusal": None if cs.logprobs_refusal is None else _load_entries(cs.logprobs_refusal),
+        }
+    return {
+        **cs.choice_extra,
+        "finish_reason": cs.finish_reason,
+        "index": cs.index,
+        "logprobs": logprobs,
+        "message": message,
+    }
+
+
+def _tool_dump(
+    state: CompletionState, tool: ToolCallState, parse_this: bool, lenient: bool
+) -> dict[str, Any]:
+    return {
+        **tool.extra,
+        "id": tool.id,
+        "function": {
+            **tool.function_extra,
+            "arguments": tool.arguments_text(),
+            "name": tool.name,
+            "parsed_arguments": _guarded(lambda: _parse_tool_arguments(state, tool), parse_this, lenient),
+        },
+        "type": tool.type or "function",
+        "index": tool.index,
+    }
+
+
+def _guarded(compute: Any, enabled: bool, lenient: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        return compute()
+    except _StreamError:
+        if lenient:
+            return None
+        raise
+
+
+def final_status(state: CompletionState) -> tuple[str, dict[str, str] | None]:
+    """``get_final_completion``'s verdict: the first truncated choice, else the first parse error."""
+    if state.status is not None:
+        return state.status, state.error
+    for _, cs in sorted(state.choices.items()):
+        if cs.finish_reason == "length":
+            return Status.LENGTH, {
+                "type": "LengthFinishReasonError",
+                "message": f"choice {cs.index} hit the length limit",
+            }
+        if cs.finish_reason == "content_filter":
+            return Status.CONTENT_FILTER, {
+                "type": "ContentFilterFinishReasonError",
+                "message": f"choice {cs.index} was stopped by the content filter",
+            }
+        try:
+            _choice_dump(state, cs, "all")
+        except _StreamError as exc:
+            return Status.FAILED, {"type": exc.error_type, "message": exc.message}
+    if state.header is None:
+        return Status.FAILED, {"type": "EmptyStream", "message": "the stream ended before its first chunk"}
+    return Status.COMPLETED, None
+
+
+def sdk_final(state: CompletionState) -> tuple[str, Any]:
+    """What ``ChatCompletionStreamState.get_final_completion()`` gives: ``("completion", dump)``
+    or ``("error", exception class name)``."""
+    if state.header is None:
+        return "error", "AssertionError"
+    _, error = final_status(state)
+    if error is not None:
+        return "error", error["type"]
+    return "completion", build_completion(state, parse="all")
+
+
+def _close(
+    state: CompletionState,
+    status: str | None,
+    now_ms: int | None,
+    result: FoldResult,
+    abort_reason: Any = None,
+) -> None:
+    error: dict[str, str] | None
+    if status is None:
+        status, error = final_status(state)
+    else:
+        error = state.error
+        if status == Status.ABORTED and abort_reason is not None:
+            error = {"type": "Aborted", "message": str(abort_reason)}
+    completion = build_completion(state, parse="finished" if status != Status.COMPLETED else "all")
+    result.done = _done_record(state, status, error, completion)
+    result.state = ClosedCompletion(
+        state.completion_id, status, state.last_offset, state.next_seq, now_ms, state.last_activity_ms
+    )
+
+
+def _done_record(
+    state: CompletionState, status: str, error: dict[str, str] | None, completion: dict[str, Any] | None
+) -> dict[str, Any]:
+    usage = completion["usage"] if completion else None
+    first_ms = state.request_ms if state.request_ms is not None else state.first_chunk_ms
+    ttft = None if state.first_token_ms is None or first_ms is None else state.first_token_ms - first_ms
+    tokens_per_second = None
+    completion_tokens = usage.get("completion_tokens") if usage else None
+    if (
+        isinstance(completion_tokens, int)
+        and state.first_token_ms is not None
+        and state.last_chunk_ms is not None
+    ):
+        span_ms = state.last_chunk_ms - state.first_token_ms
+        if span_ms > 0:
+            tokens_per_second = round(completion_tokens * 1000 / span_ms, 3)
+    c = state.counters
+    return {
+        "version": DONE_RECORD_VERSION,
+        "completion_id": state.completion_id,
+        "status": status,
+        "error": error,
+        "completion": completion,
+        "usage": usage,
+        "usage_reported": usage is not None,
+        "request": state.request,
+        "timing": {
+            "request_at_ms": state.request_ms,
+            "first_chunk_at_ms": state.first_chunk_ms,
+            "last_chunk_at_ms": state.last_chunk_ms,
+            "time_to_first_token_ms": ttft,
+            "duration_ms": None
+            if state.first_chunk_ms is None or state.last_chunk_ms is None
+            else state.last_chunk_ms - state.first_chunk_ms,
+            "tokens_per_second": tokens_per_second,
+        },
+        "chunk_count": c.chunks,
+        "event_count": state.event_seq,
+        "anomalies": {
+            "duplicates_dropped": c.duplicates_dropped,
+            "replayed_skipped": c.replayed_skipped,
+            "seq_gaps": c.seq_gaps,
+            "missing_records": c.missing_records,
+            "skipped_frames": c.skipped_frames,
+        },
+    }

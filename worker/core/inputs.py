@@ -1,0 +1,137 @@
+"""Reading captured streams: SSE text (``data:`` events) or JSON Lines, into framed records.
+
+SSE follows the WHATWG event-stream rules (CR, LF and CRLF line ends, ``:`` comments,
+multi-line ``data``, a BOM at the start) with one deliberate exception: a last event that the
+file ends without terminating is still delivered, because a capture cut after its final
+``data:`` line still carries that data (openai-python drops it).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from worker.core import codec
+from worker.core.records import RecordKind
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
+_SSE_FIELD = re.compile(r"^(data|event|id|retry)(:|$)")
+
+
+class InputError(ValueError):
+    """Malformed input; the message is one line and names the place (``line N``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One input record: ``key`` None means "the completion of the chunk" (its ``id``)."""
+
+    line: int
+    kind: RecordKind
+    payload: Any
+    key: str | None = None
+    seq: int | None = None
+
+
+def detect_format(text: str) -> str:
+    """``"sse"`` when the first meaningful line is an SSE field or comment, else ``"jsonl"``."""
+    for line in _LINE_END.split(text.lstrip("\ufeff")):
+        if not line.strip():
+            continue
+        return "sse" if line.startswith(":") or _SSE_FIELD.match(line) else "jsonl"
+    return "jsonl"
+
+
+def iter_sse_data(text: str) -> Iterator[tuple[int, str]]:
+    """``(line number of the event's first data line, data)`` for every dispatched event."""
+    data: list[str] = []
+    first_line = 0
+    for number, line in enumerate(_LINE_END.split(text.lstrip("\ufeff")), start=1):
+        if not line:
+            if data:
+                yield first_line, "\n".join(data)
+            data = []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            if not data:
+                first_line = number
+            data.append(value)
+    if data:
+        yield first_line, "\n".join(data)
+
+
+def _payload_frame(line: int, raw: str) -> Frame:
+    if raw.strip() == "[DONE]":
+        return Frame(line, RecordKind.DONE, None)
+    try:
+        payload = codec.loads(raw)
+    except codec.DecodeError as exc:
+        raise InputError(f"line {line}: not JSON ({exc})") from None
+    if not isinstance(payload, dict):
+        raise InputError(f"line {line}: expected a JSON object, got {type(payload).__name__}")
+    return Frame(line, RecordKind.CHUNK, payload)
+
+
+def iter_frames(text: str) -> Iterator[Frame]:
+    """Frames of an SSE or JSON Lines capture.
+
+    A JSON Lines line is a chunk object, ``[DONE]``, or an envelope
+    ``{"kind": "chunk|request|done|abort", "key": ..., "value": ..., "seq": ...}``.
+    """
+    if detect_format(text) == "sse":
+        for line, data in iter_sse_data(text):
+            yield _payload_frame(line, data)
+        return
+    for number, line in enumerate(_LINE_END.split(text.lstrip("\ufeff")), start=1):
+        if not line.strip():
+            continue
+        frame = _payload_frame(number, line)
+        if frame.kind is RecordKind.CHUNK and "kind" in frame.payload and "choices" not in frame.payload:
+            frame = _envelope(number, frame.payload)
+        yield frame
+
+
+def _envelope(line: int, obj: dict[str, Any]) -> Frame:
+    try:
+        kind = RecordKind(obj["kind"])
+    except (ValueError, TypeError):
+        raise InputError(f"line {line}: unknown kind {obj['kind']!r} (chunk|request|done|abort)") from None
+    key, seq, value = obj.get("key"), obj.get("seq"), obj.get("value")
+    if key is not None and not isinstance(key, str):
+        raise InputError(f"line {line}: key must be a string")
+    if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 0):
+        raise InputError(f"line {line}: seq must be a non-negative integer")
+    if kind in (RecordKind.CHUNK, RecordKind.REQUEST) and not isinstance(value, dict):
+        raise InputError(f"line {line}: the value of a {kind.value} record must be a JSON object")
+    return Frame(line, kind, value, key, seq)
+
+
+def read_text(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{source}: not UTF-8 (byte {exc.start})") from None
+
+
+def frames_to_keys(frames: Iterable[Frame]) -> Iterator[tuple[str, Frame]]:
+    """Assign each frame its completion key: the envelope key, else the chunk's ``id``; a
+    ``[DONE]`` or a chunk without id belongs to the completion of the previous frame."""
+    last_key: str | None = None
+    for frame in frames:
+        key = frame.key
+        if key is None and frame.kind is RecordKind.CHUNK:
+            chunk_id = frame.payload.get("id")
+            key = chunk_id if isinstance(chunk_id, str) and chunk_id else last_key
+        if key is None:
+            key = last_key
+        if key is None:
+            raise InputError(f"line {frame.line}: cannot tell which completion this record belongs to")
+        last_key = key
+        yield key, frame

@@ -1,0 +1,327 @@
+"""Per-completion accumulation state: small, versioned, serializable.
+
+Text that grows with the completion (content, refusal, reasoning, tool arguments, logprob
+entries) is held in ``bytearray`` buffers of UTF-8 / JSON: appending is amortized O(1) and the
+memory held is close to the text itself. Nothing here re-encodes the whole snapshot per chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.core import codec
+
+STATE_VERSION = 1
+
+TEXT_FIELDS = ("content", "refusal")
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+
+
+@dataclass(slots=True)
+class ToolSpec:
+    """What the request said about one function tool."""
+
+    strict: bool
+    schema_json: bytes | None
+
+
+@dataclass(slots=True)
+class RequestSpec:
+    """The parts of the request context that change how chunks are folded (derived, not stored)."""
+
+    response_schema_json: bytes | None = None
+    structured: bool = False
+    tools: dict[str, ToolSpec] = field(default_factory=dict)
+
+    @property
+    def parseable(self) -> bool:
+        """openai-python's ``has_parseable_input``: structured output or any strict function tool."""
+        return self.structured or any(tool.strict for tool in self.tools.values())
+
+    @classmethod
+    def from_request(cls, request: dict[str, Any] | None) -> RequestSpec:
+        if not request:
+            return cls()
+        spec = cls()
+        response_format = request.get("response_format")
+        if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+            json_schema = response_format.get("json_schema") or {}
+            schema = json_schema.get("schema") if isinstance(json_schema, dict) else None
+            spec.structured = True
+            spec.response_schema_json = codec.dumps(schema) if isinstance(schema, dict) else None
+        for tool in request.get("tools") or ():
+            if not isinstance(tool, dict) or tool.get("type") != "function":
+                continue
+            function = tool.get("function")
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                continue
+            params = function.get("parameters")
+            spec.tools.setdefault(
+                function["name"],
+                ToolSpec(
+                    strict=function.get("strict") is True,
+                    schema_json=codec.dumps(params) if isinstance(params, dict) else None,
+                ),
+            )
+        return spec
+
+
+@dataclass(slots=True)
+class ToolCallState:
+    index: int
+    id: str | None = None
+    type: str | None = None
+    name: str | None = None
+    arguments: bytearray = field(default_factory=bytearray)
+    extra: dict[str, Any] = field(default_factory=dict)
+    function_extra: dict[str, Any] = field(default_factory=dict)
+    done: bool = False
+    parsed_partial: Any = None
+
+    def arguments_text(self) -> str:
+        return self.arguments.decode("utf-8")
+
+
+@dataclass(slots=True)
+class ChoiceState:
+    index: int
+    choice_extra: dict[str, Any] = field(default_factory=dict)
+    finish_reason: str | None = None
+    role: str | None = None
+    # key present: the wire sent the field; value None: only ever null so far
+    text: dict[str, bytearray | None] = field(default_factory=dict)
+    message_extra: dict[str, Any] = field(default_factory=dict)
+    tools: dict[int, ToolCallState] = field(default_factory=dict)
+    current_tool: int | None = None
+    logprobs_seen: bool = False
+    logprobs_content: bytearray | None = None
+    logprobs_refusal: bytearray | None = None
+    content_done: bool = False
+    refusal_done: bool = False
+    reasoning_done: bool = False
+    logprobs_content_done: bool = False
+    logprobs_refusal_done: bool = False
+    parsed_partial: Any = None
+
+    def text_of(self, name: str) -> str | None:
+        buf = self.text.get(name)
+        return None if buf is None else buf.decode("utf-8")
+
+    def has_text(self, name: str) -> bool:
+        """The field is non-null (possibly empty)."""
+        return self.text.get(name) is not None
+
+
+@dataclass(slots=True)
+class Counters:
+    chunks: int = 0
+    duplicates_dropped: int = 0
+    replayed_skipped: int = 0
+    seq_gaps: int = 0
+    missing_records: int = 0
+    skipped_frames: int = 0
+    records_after_end: int = 0
+
+
+@dataclass(slots=True)
+class CompletionState:
+    """One open completion. ``last_offset`` / ``next_seq`` identify records already folded in."""
+
+    completion_id: str
+    request: dict[str, Any] | None = None
+    spec: RequestSpec = field(default_factory=RequestSpec)
+    header: dict[str, Any] | None = None
+    system_fingerprint: str | None = None
+    usage: dict[str, Any] | None = None
+    moderation: Any = None
+    choices: dict[int, ChoiceState] = field(default_factory=dict)
+    status: str | None = None
+    error: dict[str, str] | None = None
+    last_offset: int | None = None
+    next_seq: int | None = None
+    event_seq: int = 0
+    counters: Counters = field(default_factory=Counters)
+    request_ms: int | None = None
+    first_chunk_ms: int | None = None
+    last_chunk_ms: int | None = None
+    first_token_ms: int | None = None
+    last_activity_ms: int | None = None
+
+    def choice(self, index: int) -> ChoiceState:
+        state = self.choices.get(index)
+        if state is None:
+            state = self.choices[index] = ChoiceState(index)
+        return state
+
+
+@dataclass(slots=True)
+class ClosedCompletion:
+    """What remains of a finished completion until its tombstone expires: enough to recognise
+    redelivered records (skip them) and records that arrive after the end (report them)."""
+
+    completion_id: str
+    status: str
+    last_offset: int | None
+    next_seq: int | None
+    closed_at_ms: int | None
+    last_activity_ms: int | None
+
+
+AnyState = CompletionState | ClosedCompletion
+
+
+def _buf(value: str | None) -> bytearray | None:
+    return None if value is None else bytearray(value.encode("utf-8"))
+
+
+def _text(buf: bytearray | None) -> str | None:
+    return None if buf is None else buf.decode("utf-8")
+
+
+def state_to_dict(state: AnyState) -> dict[str, Any]:
+    """A JSON-ready, versioned form of ``state``; ``state_from_dict`` inverts it exactly."""
+    if isinstance(state, ClosedCompletion):
+        return {
+            "v": STATE_VERSION,
+            "closed": True,
+            "id": state.completion_id,
+            "status": state.status,
+            "last_offset": state.last_offset,
+            "next_seq": state.next_seq,
+            "closed_at_ms": state.closed_at_ms,
+            "last_activity_ms": state.last_activity_ms,
+        }
+    return {
+        "v": STATE_VERSION,
+        "id": state.completion_id,
+        "request": state.request,
+        "header": state.header,
+        "system_fingerprint": state.system_fingerprint,
+        "usage": state.usage,
+        "moderation": state.moderation,
+        "choices": [_choice_to_dict(c) for c in state.choices.values()],
+        "status": state.status,
+        "error": state.error,
+        "last_offset": state.last_offset,
+        "next_seq": state.next_seq,
+        "event_seq": state.event_seq,
+        "counters": [getattr(state.counters, f) for f in Counters.__slots__],
+        "times": [
+            state.request_ms,
+            state.first_chunk_ms,
+            state.last_chunk_ms,
+            state.first_token_ms,
+            state.last_activity_ms,
+        ],
+    }
+
+
+def _choice_to_dict(c: ChoiceState) -> dict[str, Any]:
+    return {
+        "index": c.index,
+        "extra": c.choice_extra,
+        "finish_reason": c.finish_reason,
+        "role": c.role,
+        "text": {k: _text(v) for k, v in c.text.items()},
+        "message_extra": c.message_extra,
+        "tools": [
+            [
+                t.index,
+                t.id,
+                t.type,
+                t.name,
+                t.arguments_text(),
+                t.extra,
+                t.function_extra,
+                t.done,
+                t.parsed_partial,
+            ]
+            for t in c.tools.values()
+        ],
+        "current_tool": c.current_tool,
+        "logprobs": [c.logprobs_seen, _text(c.logprobs_content), _text(c.logprobs_refusal)],
+        "flags": [
+            c.content_done,
+            c.refusal_done,
+            c.reasoning_done,
+            c.logprobs_content_done,
+            c.logprobs_refusal_done,
+        ],
+        "parsed_partial": c.parsed_partial,
+    }
+
+
+class StateVersionError(ValueError):
+    """A stored state written by an unknown (newer) release."""
+
+
+def state_from_dict(data: dict[str, Any]) -> AnyState:
+    version = data.get("v")
+    if version != STATE_VERSION:
+        raise StateVersionError(f"unsupported state version {version!r}")
+    if data.get("closed"):
+        return ClosedCompletion(
+            data["id"],
+            data["status"],
+            data["last_offset"],
+            data["next_seq"],
+            data["closed_at_ms"],
+            data["last_activity_ms"],
+        )
+    state = CompletionState(
+        completion_id=data["id"],
+        request=data["request"],
+        spec=RequestSpec.from_request(data["request"]),
+        header=data["header"],
+        system_fingerprint=data["system_fingerprint"],
+        usage=data["usage"],
+        moderation=data["moderation"],
+        status=data["status"],
+        error=data["error"],
+        last_offset=data["last_offset"],
+        next_seq=data["next_seq"],
+        event_seq=data["event_seq"],
+        counters=Counters(*data["counters"]),
+    )
+    (
+        state.request_ms,
+        state.first_chunk_ms,
+        state.last_chunk_ms,
+        state.first_token_ms,
+        state.last_activity_ms,
+    ) = data["times"]
+    for raw in data["choices"]:
+        choice = ChoiceState(
+            index=raw["index"],
+            choice_extra=raw["extra"],
+            finish_reason=raw["finish_reason"],
+            role=raw["role"],
+            text={k: _buf(v) for k, v in raw["text"].items()},
+            message_extra=raw["message_extra"],
+            current_tool=raw["current_tool"],
+            parsed_partial=raw["parsed_partial"],
+        )
+        for index, id_, type_, name, args, extra, fextra, done, partial in raw["tools"]:
+            choice.tools[index] = ToolCallState(
+                index, id_, type_, name, bytearray(args.encode("utf-8")), extra, fextra, done, partial
+            )
+        choice.logprobs_seen, lp_content, lp_refusal = raw["logprobs"]
+        choice.logprobs_content, choice.logprobs_refusal = _buf(lp_content), _buf(lp_refusal)
+        (
+            choice.content_done,
+            choice.refusal_done,
+            choice.reasoning_done,
+            choice.logprobs_content_done,
+            choice.logprobs_refusal_done,
+        ) = raw["flags"]
+        state.choices[choice.index] = choice
+    return state
+
+
+def encode_state(state: AnyState) -> bytes:
+    return codec.dumps(state_to_dict(state))
+
+
+def decode_state(data: bytes) -> AnyState:
+    return state_from_dict(codec.loads(data))
