@@ -44,6 +44,8 @@ class Recording:
 
 def recordings() -> list[Recording]:
     return [
-        Recording(p.name.removesuffix(".sse"), p, p.with_suffix(".request.json"), p.with_suffix(".golden.json"))
+        Recording(
+            p.name.removesuffix(".sse"), p, p.with_suffix(".request.json"), p.with_suffix(".golden.json")
+        )
         for p in sorted(FIXTURES.glob("*.sse"))
     ]

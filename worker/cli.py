@@ -6,6 +6,7 @@ Bad input ends a command with one line on stderr and exit status 2, never a trac
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,7 +59,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.format == "sdk":
         lines = list(replay.replay_sdk(text, request))
     else:
-        settings = Settings.from_env(snapshots=args.snapshots or None, partial_parse=args.partial_parse or None)
+        settings = Settings.from_env(
+            snapshots=args.snapshots or None, partial_parse=args.partial_parse or None
+        )
         lines = list(replay.replay_kafka(text, request, settings))
     _write_lines(lines)
     return 0
@@ -73,12 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request", help="request context (create-params JSON)")
     p.add_argument("--format", choices=("kafka", "sdk"), default="kafka")
     p.add_argument("--snapshots", action="store_true", help="kafka format: snapshots on delta events")
-    p.add_argument("--partial-parse", action="store_true", help="kafka format: partial parses on delta events")
+    p.add_argument(
+        "--partial-parse", action="store_true", help="kafka format: partial parses on delta events"
+    )
     p.set_defaults(func=cmd_replay)
 
-    for name, module in (("worker", "worker.app.main"), ("produce", "worker.produce"), ("tail", "worker.tail")):
+    for module in ("worker.app.main", "worker.produce", "worker.tail"):
         try:
-            register: Callable[[Any], None] = getattr(__import__(module, fromlist=["register"]), "register")
+            register: Callable[[Any], None] = importlib.import_module(module).register
         except ImportError:
             continue
         register(sub)

@@ -28,10 +28,22 @@ def test_replay_sdk_matches_golden(rec: Recording) -> None:
         assert g == e, f"line {index}"
 
 
-@pytest.mark.parametrize("rec", [r for r in RECORDINGS if not r.name.startswith("hist_")], ids=lambda r: r.name)
+@pytest.mark.parametrize(
+    "rec", [r for r in RECORDINGS if not r.name.startswith("hist_")], ids=lambda r: r.name
+)
 def test_replay_command_prints_the_golden(rec: Recording) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "replay", "--format", "sdk", "--request", str(rec.request_file), str(rec.sse)],
+        [
+            sys.executable,
+            "-m",
+            "worker.cli",
+            "replay",
+            "--format",
+            "sdk",
+            "--request",
+            str(rec.request_file),
+            str(rec.sse),
+        ],
         capture_output=True,
         check=True,
     )

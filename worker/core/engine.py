@@ -584,7 +584,9 @@ def _accumulate_value(acc: dict[str, Any], key: str, value: Any) -> None:
     current = acc[key]
     if key in ("index", "type"):
         acc[key] = value
-    elif (isinstance(current, str) and isinstance(value, str)) or (
+    elif isinstance(current, str) and isinstance(value, str):
+        acc[key] = current + value
+    elif (
         isinstance(current, (int, float)) and isinstance(value, (int, float)) and not isinstance(value, bool)
     ):
         acc[key] = current + value
@@ -658,7 +660,7 @@ def _choice_dump(state: CompletionState, cs: ChoiceState, parse: str) -> dict[st
         message["tool_calls"] = [
             _tool_dump(state, t, parse_this, lenient) for _, t in sorted(cs.tools.items())
         ]
-    content = message.get("content")
+    content = cs.text_of("content") or ""
     message["parsed"] = _guarded(
         lambda: _parse_content(state, cs, content), parse_this and bool(content), lenient
     )

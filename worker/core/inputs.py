@@ -86,13 +86,13 @@ def iter_frames(text: str) -> Iterator[Frame]:
     ``{"kind": "chunk|request|done|abort", "key": ..., "value": ..., "seq": ...}``.
     """
     if detect_format(text) == "sse":
-        for line, data in iter_sse_data(text):
-            yield _payload_frame(line, data)
+        for first_line, data in iter_sse_data(text):
+            yield _payload_frame(first_line, data)
         return
-    for number, line in enumerate(_LINE_END.split(text.lstrip("\ufeff")), start=1):
-        if not line.strip():
+    for number, raw in enumerate(_LINE_END.split(text.lstrip("\ufeff")), start=1):
+        if not raw.strip():
             continue
-        frame = _payload_frame(number, line)
+        frame = _payload_frame(number, raw)
         if frame.kind is RecordKind.CHUNK and "kind" in frame.payload and "choices" not in frame.payload:
             frame = _envelope(number, frame.payload)
         yield frame

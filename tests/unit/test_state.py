@@ -1,0 +1,78 @@
+"""State is versioned and serializable; a restored state continues exactly where it stopped,
+and records it already holds are recognised and skipped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.recorded import recordings
+from tests.streams import CID, choice, chunk
+from worker.core import engine
+from worker.core.inputs import frames_to_keys, iter_frames
+from worker.core.records import InputRecord, RecordKind, make_record
+from worker.core.state import STATE_VERSION, AnyState, StateVersionError, decode_state, encode_state
+
+pytestmark = pytest.mark.unit
+
+
+def records_of(text: str, request: dict[str, Any]) -> tuple[str, list[InputRecord]]:
+    keyed = list(frames_to_keys(iter_frames(text)))
+    key = keyed[0][0]
+    out = [make_record(key, RecordKind.REQUEST, request, offset=0)]
+    out += [make_record(key, frame.kind, frame.payload, offset=frame.line) for _, frame in keyed]
+    return key, out
+
+
+def run(key: str, records: list[InputRecord], roundtrip_every: int) -> list[Any]:
+    outputs: list[Any] = []
+    state: AnyState | None = None
+    for i, record in enumerate(records):
+        result = engine.fold(state, key, record)
+        state = result.state
+        outputs.extend(result.events)
+        outputs.append(result.done)
+        if roundtrip_every and state is not None and i % roundtrip_every == 0:
+            state = decode_state(encode_state(state))
+    return outputs
+
+
+@pytest.mark.parametrize("rec", recordings(), ids=lambda r: r.name)
+def test_roundtrip_through_bytes_changes_nothing(rec: Any) -> None:
+    key, records = records_of(rec.sse.read_text(), rec.request)
+    assert run(key, records, roundtrip_every=1) == run(key, records, roundtrip_every=0)
+
+
+def test_replayed_records_are_skipped_and_seq_duplicates_counted() -> None:
+    first = InputRecord(RecordKind.CHUNK, chunk(choice(0, role="assistant", content="a")), offset=10, seq=0)
+    second = InputRecord(RecordKind.CHUNK, chunk(choice(0, content="b")), offset=11, seq=1)
+    state = engine.fold(None, CID, first).state
+    state = engine.fold(state, CID, second).state
+    restored = decode_state(encode_state(state))  # type: ignore[arg-type]
+    again = engine.fold(restored, CID, second)
+    assert again.skipped == "replayed" and again.events == []
+    dup = engine.fold(
+        restored, CID, InputRecord(RecordKind.CHUNK, chunk(choice(0, content="b")), offset=12, seq=1)
+    )
+    assert dup.skipped == "duplicate" and dup.events == []
+    gap = engine.fold(
+        restored, CID, InputRecord(RecordKind.CHUNK, chunk(choice(0, content="d")), offset=13, seq=3)
+    )
+    done = engine.fold(gap.state, CID, InputRecord(RecordKind.DONE, offset=14, seq=4)).done
+    assert done is not None
+    assert done["completion"]["choices"][0]["message"]["content"] == "abd"
+    assert done["anomalies"] == {
+        "duplicates_dropped": 1,
+        "replayed_skipped": 1,
+        "seq_gaps": 1,
+        "missing_records": 1,
+        "skipped_frames": 0,
+    }
+
+
+def test_unknown_state_version_is_refused() -> None:
+    state = engine.fold(None, CID, InputRecord(RecordKind.CHUNK, chunk(choice(0, content="a")))).state
+    data = encode_state(state).replace(f'"v":{STATE_VERSION}'.encode(), b'"v":99')  # type: ignore[arg-type]
+    with pytest.raises(StateVersionError):
+        decode_state(data)
