@@ -1,0 +1,65 @@
+"""``completion-done`` records: exactly one per completion, keyed by completion id."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.completion import CompletionUsage, ParsedChatCompletion
+
+Status = Literal["completed", "length", "content_filter", "aborted", "expired", "failed"]
+
+
+class ErrorInfo(BaseModel):
+    type: str = Field(
+        description="SDK exception class (APIError, ValidationError, ...) or Aborted / EmptyStream"
+    )
+    message: str
+
+
+class Timing(BaseModel):
+    """Times are the Kafka record timestamps (when the gateway received the chunk), in ms."""
+
+    request_at_ms: int | None
+    first_chunk_at_ms: int | None
+    last_chunk_at_ms: int | None
+    time_to_first_token_ms: int | None = Field(
+        description="first non-empty delta minus request (or first chunk)"
+    )
+    duration_ms: int | None
+    tokens_per_second: float | None = Field(
+        description="completion tokens over first-token-to-last-chunk time"
+    )
+
+
+class Anomalies(BaseModel):
+    duplicates_dropped: int = Field(description="records whose chunkfold.seq had been seen already")
+    replayed_skipped: int = Field(description="redelivered records at or below the last folded offset")
+    seq_gaps: int = Field(description="times chunkfold.seq jumped forward")
+    missing_records: int = Field(description="records skipped over by those jumps")
+    skipped_frames: int = Field(description="non-chunk frames (object other than chat.completion.chunk)")
+
+
+class DoneRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1]
+    completion_id: str
+    status: Status
+    error: ErrorInfo | None
+    completion: ParsedChatCompletion | None = Field(
+        description="ParsedChatCompletion shape; partial unless completed"
+    )
+    usage: CompletionUsage | None
+    usage_reported: bool = Field(description="the provider reported usage in the stream")
+    request: dict[str, Any] | None = Field(description="the request context record, when one was given")
+    timing: Timing
+    chunk_count: int
+    event_count: int
+    anomalies: Anomalies
+
+
+def parse_done(data: bytes | str) -> DoneRecord:
+    """Parse one ``completion-done`` value."""
+    return DoneRecord.model_validate_json(data)
