@@ -8,7 +8,7 @@ memory held is close to the text itself. Nothing here re-encodes the whole snaps
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from worker.core import codec
 
@@ -171,16 +171,31 @@ class ClosedCompletion:
 AnyState = CompletionState | ClosedCompletion
 
 
-def _buf(value: str | None) -> bytearray | None:
-    return None if value is None else bytearray(value.encode("utf-8"))
+class BufferCodec(Protocol):
+    """How growing buffers are written: whole (``FULL``) or as appended parts (``persist``)."""
+
+    def dump(self, buffer_id: str, buf: bytearray | None) -> Any: ...
+
+    def load(self, buffer_id: str, value: Any) -> bytearray | None: ...
 
 
-def _text(buf: bytearray | None) -> str | None:
-    return None if buf is None else buf.decode("utf-8")
+class _FullText:
+    def dump(self, buffer_id: str, buf: bytearray | None) -> Any:
+        return None if buf is None else buf.decode("utf-8")
+
+    def load(self, buffer_id: str, value: Any) -> bytearray | None:
+        return None if value is None else bytearray(value.encode("utf-8"))
 
 
-def state_to_dict(state: AnyState) -> dict[str, Any]:
-    """A JSON-ready, versioned form of ``state``; ``state_from_dict`` inverts it exactly."""
+FULL: BufferCodec = _FullText()
+
+
+def state_to_dict(state: AnyState, buffers: BufferCodec = FULL, *, compact: bool = False) -> dict[str, Any]:
+    """A JSON-ready, versioned form of ``state``; ``state_from_dict`` inverts it exactly.
+
+    ``compact`` leaves out the request context and the partial parses (both recomputable or
+    stored elsewhere), so the written-behind head stays small.
+    """
     if isinstance(state, ClosedCompletion):
         return {
             "v": STATE_VERSION,
@@ -192,20 +207,17 @@ def state_to_dict(state: AnyState) -> dict[str, Any]:
             "closed_at_ms": state.closed_at_ms,
             "last_activity_ms": state.last_activity_ms,
         }
-    return {
+    data = {
         "v": STATE_VERSION,
         "id": state.completion_id,
-        "request": state.request,
         "header": state.header,
-        "system_fingerprint": state.system_fingerprint,
+        "fp": state.system_fingerprint,
         "usage": state.usage,
         "moderation": state.moderation,
-        "choices": [_choice_to_dict(c) for c in state.choices.values()],
+        "choices": [_choice_to_dict(c, buffers, compact) for c in state.choices.values()],
         "status": state.status,
         "error": state.error,
-        "last_offset": state.last_offset,
-        "next_seq": state.next_seq,
-        "event_seq": state.event_seq,
+        "pos": [state.last_offset, state.next_seq, state.event_seq],
         "counters": [getattr(state.counters, f) for f in Counters.__slots__],
         "times": [
             state.request_ms,
@@ -215,15 +227,19 @@ def state_to_dict(state: AnyState) -> dict[str, Any]:
             state.last_activity_ms,
         ],
     }
+    if not compact:
+        data["request"] = state.request
+    return data
 
 
-def _choice_to_dict(c: ChoiceState) -> dict[str, Any]:
+def _choice_to_dict(c: ChoiceState, buffers: BufferCodec, compact: bool) -> dict[str, Any]:
+    i = c.index
     return {
-        "index": c.index,
+        "index": i,
         "extra": c.choice_extra,
         "finish_reason": c.finish_reason,
         "role": c.role,
-        "text": {k: _text(v) for k, v in c.text.items()},
+        "text": {k: buffers.dump(f"{i}:t:{k}", v) for k, v in c.text.items()},
         "message_extra": c.message_extra,
         "tools": [
             [
@@ -231,16 +247,20 @@ def _choice_to_dict(c: ChoiceState) -> dict[str, Any]:
                 t.id,
                 t.type,
                 t.name,
-                t.arguments_text(),
+                buffers.dump(f"{i}:a:{t.index}", t.arguments),
                 t.extra,
                 t.function_extra,
                 t.done,
-                t.parsed_partial,
+                None if compact else t.parsed_partial,
             ]
             for t in c.tools.values()
         ],
         "current_tool": c.current_tool,
-        "logprobs": [c.logprobs_seen, _text(c.logprobs_content), _text(c.logprobs_refusal)],
+        "logprobs": [
+            c.logprobs_seen,
+            buffers.dump(f"{i}:lc", c.logprobs_content),
+            buffers.dump(f"{i}:lr", c.logprobs_refusal),
+        ],
         "flags": [
             c.content_done,
             c.refusal_done,
@@ -248,7 +268,7 @@ def _choice_to_dict(c: ChoiceState) -> dict[str, Any]:
             c.logprobs_content_done,
             c.logprobs_refusal_done,
         ],
-        "parsed_partial": c.parsed_partial,
+        "parsed_partial": None if compact else c.parsed_partial,
     }
 
 
@@ -256,7 +276,10 @@ class StateVersionError(ValueError):
     """A stored state written by an unknown (newer) release."""
 
 
-def state_from_dict(data: dict[str, Any]) -> AnyState:
+def state_from_dict(
+    data: dict[str, Any], buffers: BufferCodec = FULL, request: dict[str, Any] | None = None
+) -> AnyState:
+    """Inverse of ``state_to_dict``; ``request`` supplies the context a compact head left out."""
     version = data.get("v")
     if version != STATE_VERSION:
         raise StateVersionError(f"unsupported state version {version!r}")
@@ -269,21 +292,21 @@ def state_from_dict(data: dict[str, Any]) -> AnyState:
             data["closed_at_ms"],
             data["last_activity_ms"],
         )
+    if "request" in data:
+        request = data["request"]
     state = CompletionState(
         completion_id=data["id"],
-        request=data["request"],
-        spec=RequestSpec.from_request(data["request"]),
+        request=request,
+        spec=RequestSpec.from_request(request),
         header=data["header"],
-        system_fingerprint=data["system_fingerprint"],
+        system_fingerprint=data["fp"],
         usage=data["usage"],
         moderation=data["moderation"],
         status=data["status"],
         error=data["error"],
-        last_offset=data["last_offset"],
-        next_seq=data["next_seq"],
-        event_seq=data["event_seq"],
         counters=Counters(*data["counters"]),
     )
+    state.last_offset, state.next_seq, state.event_seq = data["pos"]
     (
         state.request_ms,
         state.first_chunk_ms,
@@ -292,22 +315,25 @@ def state_from_dict(data: dict[str, Any]) -> AnyState:
         state.last_activity_ms,
     ) = data["times"]
     for raw in data["choices"]:
+        i = raw["index"]
         choice = ChoiceState(
-            index=raw["index"],
+            index=i,
             choice_extra=raw["extra"],
             finish_reason=raw["finish_reason"],
             role=raw["role"],
-            text={k: _buf(v) for k, v in raw["text"].items()},
+            text={k: buffers.load(f"{i}:t:{k}", v) for k, v in raw["text"].items()},
             message_extra=raw["message_extra"],
             current_tool=raw["current_tool"],
             parsed_partial=raw["parsed_partial"],
         )
         for index, id_, type_, name, args, extra, fextra, done, partial in raw["tools"]:
+            arguments = buffers.load(f"{i}:a:{index}", args) or bytearray()
             choice.tools[index] = ToolCallState(
-                index, id_, type_, name, bytearray(args.encode("utf-8")), extra, fextra, done, partial
+                index, id_, type_, name, arguments, extra, fextra, done, partial
             )
         choice.logprobs_seen, lp_content, lp_refusal = raw["logprobs"]
-        choice.logprobs_content, choice.logprobs_refusal = _buf(lp_content), _buf(lp_refusal)
+        choice.logprobs_content = buffers.load(f"{i}:lc", lp_content)
+        choice.logprobs_refusal = buffers.load(f"{i}:lr", lp_refusal)
         (
             choice.content_done,
             choice.refusal_done,
@@ -315,7 +341,7 @@ def state_from_dict(data: dict[str, Any]) -> AnyState:
             choice.logprobs_content_done,
             choice.logprobs_refusal_done,
         ) = raw["flags"]
-        state.choices[choice.index] = choice
+        state.choices[i] = choice
     return state
 
 

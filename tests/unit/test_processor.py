@@ -1,0 +1,197 @@
+"""The worker's record loop without a broker: a simulated partitioned log, offset commits that
+follow acknowledgements, write-behind flushes and crashes at arbitrary points."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.recorded import recordings
+from worker.app.processor import MemoryStore, Output, Processor
+from worker.config import Settings
+from worker.core.inputs import frames_to_keys, iter_frames
+from worker.core.records import KIND_HEADER, SEQ_HEADER, RecordKind
+from worker.replay import replay_kafka
+
+pytestmark = pytest.mark.unit
+PARTITIONS = 4
+
+
+@dataclass
+class Rec:
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    ts: int
+
+
+def gateway_records(with_request: bool = True) -> dict[int, list[Rec]]:
+    """Every recording as a gateway would publish it, interleaved over PARTITIONS partitions."""
+    streams: list[list[Rec]] = []
+    for n, rec in enumerate(recordings()):
+        keyed = list(frames_to_keys(iter_frames(rec.sse.read_text())))
+        key = keyed[0][0].encode()
+        out: list[Rec] = []
+        if with_request:
+            out.append(Rec(key, orjson.dumps(rec.request), [(KIND_HEADER, b"request")], 1000 * n))
+        for _, frame in keyed:
+            value = b"[DONE]" if frame.kind is RecordKind.DONE else orjson.dumps(frame.payload)
+            out.append(Rec(key, value, [], 1000 * n + len(out)))
+        streams.append(
+            [
+                Rec(r.key, r.value, [*r.headers, (SEQ_HEADER, str(i).encode())], r.ts)
+                for i, r in enumerate(out)
+            ]
+        )
+    logs: dict[int, list[Rec]] = {p: [] for p in range(PARTITIONS)}
+    rng = random.Random(7)
+    cursors = [0] * len(streams)
+    while any(c < len(s) for c, s in zip(cursors, streams, strict=True)):
+        i = rng.choice([i for i, s in enumerate(streams) if cursors[i] < len(s)])
+        logs[i % PARTITIONS].append(streams[i][cursors[i]])
+        cursors[i] += 1
+    return logs
+
+
+@dataclass
+class Run:
+    """A consumer over the simulated log with Faust's commit rule: the contiguous acked prefix."""
+
+    logs: dict[int, list[Rec]]
+    settings: Settings = field(default_factory=lambda: Settings(partitions=PARTITIONS))
+    store: MemoryStore = field(default_factory=MemoryStore)
+    published: list[Output] = field(default_factory=list)
+    committed: dict[int, int] = field(default_factory=lambda: dict.fromkeys(range(PARTITIONS), 0))
+
+    def start(self) -> tuple[Processor, dict[int, int], dict[int, set[int]]]:
+        processor = Processor(self.settings, self.store)
+        processor.assign(range(PARTITIONS))
+        return processor, dict(self.committed), {p: set() for p in range(PARTITIONS)}
+
+    def ack(self, acked: dict[int, set[int]], handles: list[Any]) -> None:
+        for partition, offset in handles:
+            acked[partition].add(offset)
+        for p in acked:
+            while self.committed[p] in acked[p]:
+                self.committed[p] += 1
+
+    def flush(self, processor: Processor, acked: dict[int, set[int]]) -> None:
+        self.ack(acked, processor.apply(processor.capture()))
+
+    def consume(self, crash_after: int | None, flush_every: int, rng: random.Random) -> bool:
+        """Process until the logs are exhausted (True) or ``crash_after`` records (False)."""
+        processor, position, acked = self.start()
+        handled = 0
+        while True:
+            ready = [p for p in range(PARTITIONS) if position[p] < len(self.logs[p])]
+            if not ready:
+                self.flush(processor, acked)
+                return True
+            p = rng.choice(ready)
+            r = self.logs[p][position[p]]
+            out, ack_now = processor.process(
+                partition=p,
+                offset=position[p],
+                key=r.key,
+                value=r.value,
+                headers=r.headers,
+                timestamp_ms=r.ts,
+                handle=(p, position[p]),
+            )
+            self.published += out
+            if ack_now:
+                self.ack(acked, [(p, position[p])])
+            position[p] += 1
+            handled += 1
+            if handled % flush_every == 0:
+                self.flush(processor, acked)
+            if crash_after is not None and handled >= crash_after:
+                return False
+
+
+def dedupe(published: list[Output]) -> tuple[dict[tuple[bytes, int], bytes], dict[bytes, bytes]]:
+    events: dict[tuple[bytes, int], bytes] = {}
+    done: dict[bytes, bytes] = {}
+    for o in published:
+        if o.topic == "completion-events":
+            k = (o.key, orjson.loads(o.value)["seq"])
+            assert events.setdefault(k, o.value) == o.value, "a repeated event differs"
+        elif o.topic == "completion-done":
+            assert done.setdefault(o.key, o.value) == o.value, "a repeated completion-done differs"
+    return events, done
+
+
+def reference() -> tuple[dict[tuple[bytes, int], bytes], dict[bytes, bytes]]:
+    run = Run(gateway_records())
+    assert run.consume(None, 10, random.Random(1))
+    return dedupe(run.published)
+
+
+def test_one_engine_two_drivers() -> None:
+    events, done = reference()
+    assert len(done) == 49
+    for rec in recordings():
+        replayed = list(replay_kafka(rec.sse.read_text(), rec.request, Settings()))
+        key = replayed[0]["key"].encode()
+        worker_events = sorted((k[1], orjson.loads(v)) for k, v in events.items() if k[0] == key)
+        assert [v for _, v in worker_events] == [
+            r["value"] for r in replayed if r["topic"] == "completion-events"
+        ]
+        got = orjson.loads(done[key])
+        want = next(r["value"] for r in replayed if r["topic"] == "completion-done")
+        for field_name in ("completion", "status", "error", "usage", "event_count", "chunk_count", "request"):
+            assert got[field_name] == want[field_name], field_name
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_crashes_repeat_outputs_but_never_lose_or_change_them(seed: int) -> None:
+    want_events, want_done = reference()
+    rng = random.Random(seed)
+    run = Run(gateway_records())
+    crashes = 0
+    while not run.consume(rng.randint(1, 400), rng.randint(1, 60), rng):
+        crashes += 1
+    assert crashes > 0
+    events, done = dedupe(run.published)
+    assert done == want_done
+    assert events == want_events
+    for key in {k for k, _ in events}:
+        seqs = sorted(s for k, s in events if k == key)
+        assert seqs == list(range(len(seqs)))
+
+
+def test_changelog_bytes_stay_linear_in_the_completion() -> None:
+    run = Run(gateway_records(with_request=False))
+    assert run.consume(None, 500, random.Random(3))
+    _, done = dedupe(run.published)
+    written: dict[str, int] = {}
+    for _, key, value in run.store.log:
+        completion_id = key.split("\x1f")[0]
+        written[completion_id] = written.get(completion_id, 0) + len(key) + len(value or b"")
+    ratios = {
+        k: written[k] / len(orjson.dumps(orjson.loads(v)["completion"]))
+        for k, v in ((k.decode(), v) for k, v in done.items())
+    }
+    assert max(ratios.values()) <= 3.0, sorted(ratios.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_idle_completions_expire_and_their_state_is_deleted() -> None:
+    logs = gateway_records()
+    cut = {p: [r for r in recs if r.value != b"[DONE]"] for p, recs in logs.items()}
+    run = Run(cut, settings=Settings(partitions=PARTITIONS, idle_timeout_s=60, tombstone_s=30))
+    assert run.consume(None, 5, random.Random(5))
+    processor, _, acked = run.start()
+    assert processor.scan() == 49
+    assert processor.open_completions() == 49
+    expired = processor.sweep(now_ms=10_000_000)
+    statuses = [orjson.loads(o.value)["status"] for o in expired if o.topic == "completion-done"]
+    assert statuses == ["expired"] * 49
+    run.flush(processor, acked)
+    assert all("\x1f" not in k for k in run.store.data), "segments are deleted when a completion closes"
+    assert processor.closed_tombstones() == 49
+    processor.sweep(now_ms=10_000_000 + 31_000)
+    assert processor.closed_tombstones() == 0 and run.store.data == {}

@@ -1,0 +1,287 @@
+"""What a worker does with each input record, without any Kafka or Faust: decode, load the
+completion's state, fold, keep the state, produce outputs, and write state behind.
+
+Delivery invariant (at least once): a record's acknowledgement handle is released only by
+``FlushBatch.acks`` after the state that includes it has been written to the store, and the
+driver writes a batch only after every output produced before ``capture()`` was delivered. So
+an input offset is committed only when both its outputs and its state are durable; a crash
+repeats outputs (identically, the engine is deterministic) but never loses a record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from worker.config import Settings
+from worker.core import codec, engine, outputs
+from worker.core.persist import CorruptState, Cursor, completion_of, delete_writes, flush_writes, restore
+from worker.core.records import InvalidRecord, RecordKind, decode_record
+from worker.core.state import AnyState, ClosedCompletion, CompletionState, StateVersionError
+
+Headers = Sequence[tuple[str, bytes]]
+
+
+class StateStore(Protocol):
+    """Table storage: reads are local; writes go to the local store and the changelog of
+    ``partition`` (the completion's input partition)."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def write(self, partition: int, key: str, value: bytes | None) -> None: ...
+
+    def items(self) -> Iterable[tuple[str, bytes]]: ...
+
+
+class MemoryStore:
+    """A dict-backed ``StateStore`` (tests, replay); keeps a per-partition log of writes."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.log: list[tuple[int, str, bytes | None]] = []
+
+    def get(self, key: str) -> bytes | None:
+        return self.data.get(key)
+
+    def write(self, partition: int, key: str, value: bytes | None) -> None:
+        self.log.append((partition, key, value))
+        if value is None:
+            self.data.pop(key, None)
+        else:
+            self.data[key] = value
+
+    def items(self) -> Iterable[tuple[str, bytes]]:
+        return list(self.data.items())
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    topic: str
+    key: bytes
+    value: bytes
+
+
+@dataclass(slots=True)
+class Tracked:
+    """A completion this worker holds in memory."""
+
+    state: AnyState
+    cursor: Cursor
+    partition: int
+    dirty: bool = False
+    pending: list[Any] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class FlushBatch:
+    writes: list[tuple[int, str, bytes | None]] = field(default_factory=list)
+    acks: list[tuple[int, Any]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Stats:
+    chunks_in: int = 0
+    records_in: int = 0
+    events_out: int = 0
+    completions_out: dict[str, int] = field(default_factory=dict)
+    deadletters: dict[str, int] = field(default_factory=dict)
+    state_writes: int = 0
+    state_bytes_written: int = 0
+
+
+class Processor:
+    """Per-worker driver of the engine over the partitions this worker owns."""
+
+    def __init__(self, settings: Settings, store: StateStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.options = engine.FoldOptions(snapshots=settings.snapshots, partial_parse=settings.partial_parse)
+        self.tracked: dict[str, Tracked] = {}
+        self.assigned: set[int] = set()
+        self.unscanned: set[int] = set()
+        self.stats = Stats()
+
+    # -- records --------------------------------------------------------------------------
+
+    def process(
+        self,
+        *,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers | None,
+        timestamp_ms: int | None,
+        handle: Any,
+    ) -> tuple[list[Output], bool]:
+        """Fold one input record. Returns the outputs to send and whether ``handle`` may be
+        acknowledged at once (the record changed no state); otherwise it is held until the
+        state that includes it is flushed."""
+        self.stats.records_in += 1
+        try:
+            completion_id, record = decode_record(
+                key,
+                value,
+                headers,
+                offset=offset,
+                timestamp_ms=timestamp_ms,
+                max_bytes=self.settings.max_record_bytes,
+            )
+            tracked = self._load(completion_id, partition)
+            result = engine.fold(tracked.state if tracked else None, completion_id, record, self.options)
+        except InvalidRecord as exc:
+            return [self._deadletter(exc, partition, offset, key, value, headers, timestamp_ms)], True
+        if record.kind is RecordKind.CHUNK:
+            self.stats.chunks_in += 1
+        if result.skipped == "replayed" or result.state is None:
+            return [], True
+        if tracked is None:
+            tracked = self.tracked[completion_id] = Tracked(result.state, Cursor(), partition)
+        tracked.state = result.state
+        tracked.partition = partition
+        tracked.dirty = True
+        tracked.pending.append(handle)
+        return self._outputs(completion_id, result), False
+
+    def _load(self, completion_id: str, partition: int) -> Tracked | None:
+        tracked = self.tracked.get(completion_id)
+        if tracked is not None:
+            return tracked
+        try:
+            restored = restore(completion_id, self.store.get)
+        except (CorruptState, StateVersionError, KeyError, ValueError) as exc:
+            raise InvalidRecord("state_unreadable", f"stored state of {completion_id!r}: {exc}") from None
+        if restored is None:
+            return None
+        tracked = self.tracked[completion_id] = Tracked(restored.state, restored.cursor, partition)
+        return tracked
+
+    def _outputs(self, completion_id: str, result: engine.FoldResult) -> list[Output]:
+        key = completion_id.encode("utf-8")
+        out = [
+            Output(self.settings.events_topic, key, codec.dumps(outputs.event_value(completion_id, event)))
+            for event in result.events
+        ]
+        self.stats.events_out += len(out)
+        if result.done is not None:
+            status = result.done["status"]
+            self.stats.completions_out[status] = self.stats.completions_out.get(status, 0) + 1
+            out.append(Output(self.settings.done_topic, key, codec.dumps(result.done)))
+        return out
+
+    def _deadletter(
+        self,
+        exc: InvalidRecord,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers | None,
+        timestamp_ms: int | None,
+    ) -> Output:
+        self.stats.deadletters[exc.reason] = self.stats.deadletters.get(exc.reason, 0) + 1
+        dead = outputs.deadletter_value(
+            reason=exc.reason,
+            detail=exc.detail,
+            key=key,
+            value=value,
+            headers=headers,
+            topic=self.settings.input_topic,
+            partition=partition,
+            offset=offset,
+            timestamp_ms=timestamp_ms,
+        )
+        return Output(self.settings.deadletter_topic, key or b"", codec.dumps(dead))
+
+    # -- write-behind ---------------------------------------------------------------------
+
+    def capture(self) -> FlushBatch:
+        """The writes that persist every changed completion as of now, and the handles they
+        release. Call, then make sure earlier outputs are delivered, then ``apply``."""
+        batch = FlushBatch()
+        for tracked in self.tracked.values():
+            if not tracked.dirty:
+                continue
+            for key, value in flush_writes(tracked.state, tracked.cursor, tracked.partition):
+                batch.writes.append((tracked.partition, key, value))
+            batch.acks.extend((tracked.partition, handle) for handle in tracked.pending)
+            tracked.pending = []
+            tracked.dirty = False
+        return batch
+
+    def apply(self, batch: FlushBatch) -> list[Any]:
+        """Write ``batch`` to the store; returns the handles that may now be acknowledged.
+        Writes for partitions this worker no longer owns are dropped (their records will be
+        processed again by the new owner)."""
+        for partition, key, value in batch.writes:
+            if partition in self.assigned:
+                self.store.write(partition, key, value)
+                self.stats.state_writes += 1
+                self.stats.state_bytes_written += len(key) + (len(value) if value else 0)
+        return [handle for partition, handle in batch.acks if partition in self.assigned]
+
+    # -- time -----------------------------------------------------------------------------
+
+    def sweep(self, now_ms: int) -> list[Output]:
+        """Close completions idle longer than the idle timeout (status ``expired``) and forget
+        tombstones older than their TTL. Their store updates go out with the next flush."""
+        out: list[Output] = []
+        idle_ms = int(self.settings.idle_timeout_s * 1000)
+        tombstone_ms = int(self.settings.tombstone_s * 1000)
+        for completion_id, tracked in list(self.tracked.items()):
+            since = engine.idle_since_ms(tracked.state)
+            if since is None:
+                since = now_ms
+                if isinstance(tracked.state, CompletionState):
+                    tracked.state.last_activity_ms = now_ms
+            if isinstance(tracked.state, CompletionState):
+                if now_ms - since >= idle_ms:
+                    result = engine.expire(tracked.state, now_ms)
+                    assert result.state is not None
+                    tracked.state = result.state
+                    tracked.dirty = True
+                    out += self._outputs(completion_id, result)
+            elif now_ms - since >= tombstone_ms and not tracked.dirty:
+                for key, value in delete_writes(completion_id, tracked.cursor):
+                    self.store.write(
+                        tracked.partition, key, value
+                    ) if tracked.partition in self.assigned else None
+                del self.tracked[completion_id]
+        return out
+
+    # -- ownership ------------------------------------------------------------------------
+
+    def assign(self, partitions: Iterable[int]) -> None:
+        new = set(partitions) - self.assigned
+        self.assigned |= new
+        self.unscanned |= new
+
+    def revoke(self, partitions: Iterable[int]) -> None:
+        """Forget everything about ``partitions``: unflushed work will be redone by the next
+        owner from the last committed offset and the last flushed state."""
+        gone = set(partitions)
+        self.assigned -= gone
+        self.unscanned -= gone
+        for completion_id in [c for c, t in self.tracked.items() if t.partition in gone]:
+            del self.tracked[completion_id]
+
+    def scan(self) -> int:
+        """Load the stored completions of newly assigned partitions, so that abandoned ones
+        expire even if no record of theirs ever arrives again. Returns how many were loaded."""
+        if not self.unscanned:
+            return 0
+        loaded = 0
+        for completion_id in {completion_of(key) for key, _ in self.store.items()} - self.tracked.keys():
+            restored = restore(completion_id, self.store.get)
+            if restored is not None and restored.partition in self.unscanned:
+                self.tracked[completion_id] = Tracked(restored.state, restored.cursor, restored.partition)
+                loaded += 1
+        self.unscanned.clear()
+        return loaded
+
+    def open_completions(self) -> int:
+        return sum(1 for t in self.tracked.values() if isinstance(t.state, CompletionState))
+
+    def closed_tombstones(self) -> int:
+        return sum(1 for t in self.tracked.values() if isinstance(t.state, ClosedCompletion))
