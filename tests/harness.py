@@ -1,0 +1,212 @@
+"""Real-broker test harness: worker processes, fresh topics per test, output collection."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer
+
+from worker.config import Settings
+from worker.gateway import GatewayRecord
+from worker.produce import publish
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fresh_settings(bootstrap: str, **overrides: Any) -> Settings:
+    """Settings with a new app id and new topic names, so tests never see each other's data."""
+    tag = uuid.uuid4().hex[:8]
+    base: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "app_id": f"cf-{tag}",
+        "input_topic": f"{tag}-chunks",
+        "events_topic": f"{tag}-events",
+        "done_topic": f"{tag}-done",
+        "deadletter_topic": f"{tag}-deadletter",
+        "partitions": 4,
+        "web_port": 0,
+        "commit_interval_s": 0.5,
+    }
+    base.update(overrides)
+    return Settings(**base)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKFOLD_")}
+    env["KAFKA_BOOTSTRAP_SERVERS"] = settings.bootstrap_servers
+    for f in fields(Settings):
+        if f.name != "bootstrap_servers":
+            value = getattr(settings, f.name)
+            env[f"CHUNKFOLD_{f.name.upper()}"] = str(int(value) if isinstance(value, bool) else value)
+    return env
+
+
+@dataclass
+class WorkerProcess:
+    """One ``chunkfold worker`` OS process (so that it can be killed for real)."""
+
+    settings: Settings
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "worker", "--loglevel", "warning"],
+            env=settings_env(self.settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class Collected:
+    events: list[tuple[bytes, dict[str, Any]]] = field(default_factory=list)
+    done: list[tuple[bytes, dict[str, Any], bytes]] = field(default_factory=list)
+    deadletters: list[dict[str, Any]] = field(default_factory=list)
+
+    def done_by_id(self) -> dict[str, dict[str, Any]]:
+        """One completion-done per id; asserts any repeat is byte-identical."""
+        seen: dict[str, bytes] = {}
+        out: dict[str, dict[str, Any]] = {}
+        for key, value, raw in self.done:
+            completion_id = key.decode()
+            assert seen.setdefault(completion_id, raw) == raw, (
+                f"repeated completion-done differs for {completion_id}"
+            )
+            out[completion_id] = value
+        return out
+
+    def events_by_id(self) -> dict[str, list[dict[str, Any]]]:
+        """Events per completion in seq order, repeats dropped (asserting they are identical)."""
+        by: dict[str, dict[int, dict[str, Any]]] = {}
+        for key, value in self.events:
+            slot = by.setdefault(key.decode(), {})
+            assert slot.setdefault(value["seq"], value) == value, f"repeated event differs: {value}"
+        return {k: [v[s] for s in sorted(v)] for k, v in by.items()}
+
+
+async def _collect(
+    settings: Settings, until: Callable[[Collected], bool], timeout: float, idle: float
+) -> Collected:
+    consumer = AIOKafkaConsumer(
+        settings.events_topic,
+        settings.done_topic,
+        settings.deadletter_topic,
+        bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+        group_id=None,
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    got = Collected()
+    deadline = time.monotonic() + timeout
+    quiet_since: float | None = None
+    try:
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+            for tp, messages in batch.items():
+                for m in messages:
+                    assert m.key is not None and m.value is not None
+                    if tp.topic == settings.events_topic:
+                        got.events.append((m.key, orjson.loads(m.value)))
+                    elif tp.topic == settings.done_topic:
+                        got.done.append((m.key, orjson.loads(m.value), m.value))
+                    else:
+                        got.deadletters.append(orjson.loads(m.value))
+            if until(got):
+                if quiet_since is None:
+                    quiet_since = time.monotonic()
+                if batch:
+                    quiet_since = time.monotonic()
+                if time.monotonic() - quiet_since >= idle:
+                    return got
+            else:
+                quiet_since = None
+    finally:
+        await consumer.stop()
+    return got
+
+
+def collect(
+    settings: Settings, until: Callable[[Collected], bool], timeout: float = 120.0, idle: float = 1.5
+) -> Collected:
+    """Everything on the output topics once ``until`` holds and nothing new came for ``idle`` s."""
+    return asyncio.run(_collect(settings, until, timeout, idle))
+
+
+def produce(settings: Settings, records: list[GatewayRecord], rate: float = 0.0) -> int:
+    return asyncio.run(publish(settings, records, rate))
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def _group_members(settings: Settings) -> tuple[str, int]:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    try:
+        response = await admin.describe_consumer_groups([settings.app_id])
+        group = response[0].groups[0] if hasattr(response[0], "groups") else response[0]
+        state, members = (
+            (group[2], len(group[5])) if isinstance(group, tuple) else (group.state, len(group.members))
+        )
+        return str(state), members
+    finally:
+        await admin.close()
+
+
+def wait_group_stable(settings: Settings, members: int, timeout: float = 90.0) -> None:
+    """Block until the worker group is Stable with exactly ``members`` members."""
+
+    def stable() -> bool:
+        try:
+            state, count = asyncio.run(_group_members(settings))
+        except Exception:
+            return False
+        return state == "Stable" and count == members
+
+    wait_for(stable, timeout, f"consumer group {settings.app_id} stable with {members} members")

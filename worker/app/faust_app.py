@@ -1,0 +1,156 @@
+"""Faust wiring only: the app, its topics and state table, one agent and one timer.
+
+The agent decodes nothing and decides nothing: it hands each raw record to the
+``Processor`` and sends what comes back. The timer writes state behind: it captures the
+changed completions, waits until every output produced so far is delivered, writes their
+state to the table (changelog), and only then acknowledges the input records, so Faust's
+offset commit never passes a record whose outputs or state are not durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import weakref
+from collections.abc import Iterable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import faust
+from faust.streams import _current_event
+
+from worker.app.processor import Output, Processor
+from worker.config import Settings
+
+log = logging.getLogger("chunkfold.worker")
+STATE_TABLE = "state"
+
+
+class _PartitionEvent:
+    """Stands in for the current event so that table writes made from the timer go to the
+    changelog partition (and RocksDB column) of the completion's input partition."""
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.message = SimpleNamespace(topic=topic, partition=partition)
+
+
+@contextlib.contextmanager
+def _in_partition(topic: str, partition: int) -> Iterator[None]:
+    event = _PartitionEvent(topic, partition)
+    token = _current_event.set(weakref.ref(event))  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
+
+
+class TableStore:
+    """``StateStore`` over a Faust table with raw ``bytes`` keys and values."""
+
+    def __init__(self, table: Any, input_topic: str) -> None:
+        self.table = table
+        self.input_topic = input_topic
+
+    def get(self, key: str) -> bytes | None:
+        value: bytes | None = self.table.data.get(key.encode("utf-8"))
+        return value
+
+    def write(self, partition: int, key: str, value: bytes | None) -> None:
+        raw = key.encode("utf-8")
+        with _in_partition(self.input_topic, partition):
+            if value is None:
+                if raw in self.table.data:
+                    del self.table[raw]
+            else:
+                self.table[raw] = value
+
+    def items(self) -> Iterable[tuple[str, bytes]]:
+        return [(k.decode("utf-8"), v) for k, v in self.table.data.items()]
+
+
+def create_app(settings: Settings) -> tuple[faust.App, Processor]:
+    brokers = [
+        f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",") if server.strip()
+    ]
+    app = faust.App(
+        settings.app_id,
+        broker=brokers,
+        store=settings.store,
+        datadir=settings.data_dir,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        processing_guarantee=settings.processing_guarantee,
+        broker_commit_interval=settings.commit_interval_s,
+        table_standby_replicas=0,
+        consumer_auto_offset_reset="earliest",
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=settings.web_port > 0,
+        web_port=max(settings.web_port, 1),
+        web_in_thread=False,
+        producer_acks=-1,
+        producer_linger_ms=2,
+    )
+    raw: dict[str, Any] = {
+        "key_type": bytes,
+        "value_type": bytes,
+        "key_serializer": "raw",
+        "value_serializer": "raw",
+    }
+    chunks = app.topic(settings.input_topic, partitions=settings.partitions, **raw)
+    sinks = {
+        name: app.topic(name, partitions=settings.partitions, **raw)
+        for name in (settings.events_topic, settings.done_topic, settings.deadletter_topic)
+    }
+    table = app.Table(STATE_TABLE, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes)
+    processor = Processor(settings, TableStore(table, settings.input_topic))
+
+    async def send(items: list[Output]) -> None:
+        for item in items:
+            await app.producer.send(
+                item.topic, item.key, item.value, partition=None, timestamp=None, headers=None
+            )
+
+    @app.agent(chunks, name="fold")
+    async def fold(stream: Any) -> None:
+        async for event in stream.noack().events():
+            message = event.message
+            outputs, ack_now = processor.process(
+                partition=message.partition,
+                offset=message.offset,
+                key=message.key,
+                value=message.value,
+                headers=message.headers,
+                timestamp_ms=None if message.timestamp is None else round(message.timestamp * 1000),
+                handle=event,
+            )
+            await send(outputs)
+            if ack_now:
+                event.ack()
+
+    @app.timer(interval=settings.commit_interval_s, name="write_behind")  # type: ignore[untyped-decorator]
+    async def write_behind() -> None:
+        if processor.unscanned and not app.in_recovery:
+            loaded = processor.scan()
+            if loaded:
+                log.info("loaded %d stored completions of newly assigned partitions", loaded)
+        await send(processor.sweep(int(time.time() * 1000)))
+        batch = processor.capture()
+        if not batch.writes and not batch.acks:
+            return
+        await app.producer.flush()
+        for handle in processor.apply(batch):
+            handle.ack()
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def on_assigned(_sender: Any, *args: Any, **_: Any) -> None:
+        processor.assign(tp.partition for tp in args[0] if tp.topic == settings.input_topic)
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def on_revoked(_sender: Any, *args: Any, **_: Any) -> None:
+        processor.revoke(tp.partition for tp in args[0] if tp.topic == settings.input_topic)
+
+    del fold, write_behind, on_assigned, on_revoked
+    _ = sinks
+    return app, processor

@@ -1,0 +1,74 @@
+"""``chunkfold worker``: run the Faust worker with settings from the environment and flags."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from worker.config import Settings
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("worker", help="run a worker of the chunkfold consumer group")
+    p.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (default: $KAFKA_BOOTSTRAP_SERVERS)")
+    p.add_argument("--app-id", help="consumer group / Faust app id (default chunkfold)")
+    p.add_argument("--input-topic")
+    p.add_argument("--events-topic")
+    p.add_argument("--done-topic")
+    p.add_argument("--deadletter-topic")
+    p.add_argument("--partitions", type=int, help="partitions of the input and state topics (default 8)")
+    p.add_argument("--idle-timeout", type=float, dest="idle_timeout_s", help="seconds before expiry (600)")
+    p.add_argument(
+        "--commit-interval", type=float, dest="commit_interval_s", help="write-behind interval (1.0)"
+    )
+    p.add_argument("--store", help="memory:// (default) or rocksdb://")
+    p.add_argument("--data-dir", help="directory for RocksDB table data")
+    p.add_argument("--web-port", type=int, help="metrics/health port (6066; 0 disables)")
+    p.add_argument("--processing-guarantee", choices=("at_least_once", "exactly_once"))
+    p.add_argument("--snapshots", action="store_true", default=None, help="snapshots on delta events")
+    p.add_argument(
+        "--partial-parse", action="store_true", default=None, help="partial parses on delta events"
+    )
+    p.add_argument("--loglevel", default="info")
+    p.set_defaults(func=run_worker)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from worker.app.faust_app import create_app
+    from worker.kafka_io import ensure_topics
+
+    names = (
+        "bootstrap_servers",
+        "app_id",
+        "input_topic",
+        "events_topic",
+        "done_topic",
+        "deadletter_topic",
+        "partitions",
+        "idle_timeout_s",
+        "commit_interval_s",
+        "store",
+        "data_dir",
+        "web_port",
+        "processing_guarantee",
+        "snapshots",
+        "partial_parse",
+    )
+    settings = Settings.from_env(**{name: getattr(args, name) for name in names})
+    if not settings.bootstrap_servers:
+        print(
+            "chunkfold worker: no Kafka: set KAFKA_BOOTSTRAP_SERVERS or --bootstrap-servers", file=sys.stderr
+        )
+        return 2
+    logging.basicConfig(level=args.loglevel.upper())
+    topics = (settings.input_topic, settings.events_topic, settings.done_topic, settings.deadletter_topic)
+    asyncio.run(ensure_topics(settings.bootstrap_servers, topics, settings.partitions, settings.replication_factor))
+    app, _ = create_app(settings)
+    from faust.worker import Worker
+
+    worker = Worker(app, loglevel=args.loglevel, quiet=True)
+    worker.execute_from_commandline()
+    return 0

@@ -1,0 +1,47 @@
+"""Small aiokafka helpers shared by ``produce``, ``tail``, the demo, tests and benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Iterable
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from worker.config import Settings
+
+
+def bootstrap(settings: Settings | None = None) -> str:
+    servers = (settings.bootstrap_servers if settings else "") or os.environ.get(
+        "KAFKA_BOOTSTRAP_SERVERS", ""
+    )
+    if not servers:
+        raise RuntimeError("no Kafka: set KAFKA_BOOTSTRAP_SERVERS (make kafka-up prints one)")
+    return servers
+
+
+async def ensure_topics(servers: str, topics: Iterable[str], partitions: int, replication: int = 1) -> None:
+    """Create ``topics`` with ``partitions`` where missing (existing ones are left alone)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [NewTopic(t, partitions, replication) for t in topics if t not in existing]
+        if new:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(new)
+    finally:
+        await admin.close()
+
+
+def make_producer(servers: str, **options: object) -> AIOKafkaProducer:
+    return AIOKafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=5, **options)
+
+
+async def sleep_until(deadline: float) -> None:
+    delay = deadline - asyncio.get_running_loop().time()
+    if delay > 0:
+        await asyncio.sleep(delay)
