@@ -210,3 +210,62 @@ def wait_group_stable(settings: Settings, members: int, timeout: float = 90.0) -
         return state == "Stable" and count == members
 
     wait_for(stable, timeout, f"consumer group {settings.app_id} stable with {members} members")
+
+
+def offline_reference(
+    records: list[GatewayRecord],
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
+    """Events and completion-done per completion from the same engine without Kafka or faults."""
+    from worker.app.processor import MemoryStore, Processor
+
+    settings = Settings()
+    processor = Processor(settings, MemoryStore())
+    processor.assign([0])
+    events: dict[str, list[dict[str, Any]]] = {}
+    done: dict[str, dict[str, Any]] = {}
+    for offset, r in enumerate(records):
+        outputs, _ = processor.process(
+            partition=0,
+            offset=offset,
+            key=r.key,
+            value=r.value,
+            headers=r.headers,
+            timestamp_ms=None,
+            handle=None,
+        )
+        for o in outputs:
+            value = orjson.loads(o.value)
+            if o.topic == settings.events_topic:
+                events.setdefault(o.key.decode(), []).append(value)
+            elif o.topic == settings.done_topic:
+                done[o.key.decode()] = value
+    return events, done
+
+
+TIMING_FREE = (
+    "completion",
+    "status",
+    "error",
+    "usage",
+    "usage_reported",
+    "request",
+    "chunk_count",
+    "event_count",
+)
+
+
+def assert_matches_reference(
+    got: Collected, reference: tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]
+) -> None:
+    """Every completion finished once (after de-duplication), equal to the fault-free run, with a
+    gap-free event sequence equal to the fault-free one."""
+    want_events, want_done = reference
+    done, events = got.done_by_id(), got.events_by_id()
+    assert set(done) == set(want_done), (
+        f"missing {sorted(set(want_done) - set(done))[:5]} extra {sorted(set(done) - set(want_done))[:5]}"
+    )
+    for completion_id, want in want_done.items():
+        assert {k: done[completion_id][k] for k in TIMING_FREE} == {k: want[k] for k in TIMING_FREE}, (
+            completion_id
+        )
+        assert events.get(completion_id, []) == want_events.get(completion_id, []), completion_id

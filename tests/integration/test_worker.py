@@ -11,23 +11,21 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.harness import Collected, WorkerProcess, collect, fresh_settings, produce, wait_group_stable
+from tests.harness import (
+    TIMING_FREE,
+    Collected,
+    WorkerProcess,
+    collect,
+    fresh_settings,
+    produce,
+    wait_group_stable,
+)
 from tests.recorded import FIXTURES, recordings
 from worker.config import Settings
 from worker.gateway import GatewayRecord, capture_records, interleave, load_captures
 from worker.replay import replay_kafka
 
 pytestmark = pytest.mark.integration
-TIMING_FREE = (
-    "completion",
-    "status",
-    "error",
-    "usage",
-    "usage_reported",
-    "request",
-    "chunk_count",
-    "event_count",
-)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from typing import Any
 
 import faust
 from faust.streams import _current_event
+from faust.types import TP
 
 from worker.app.processor import Output, Processor
 from worker.config import Settings
@@ -103,8 +104,11 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
         name: app.topic(name, partitions=settings.partitions, **raw)
         for name in (settings.events_topic, settings.done_topic, settings.deadletter_topic)
     }
-    table = app.Table(STATE_TABLE, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes)
+    table = app.Table(
+        STATE_TABLE, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes
+    )
     processor = Processor(settings, TableStore(table, settings.input_topic))
+    metrics = processor.stats.metrics
 
     async def send(items: list[Output]) -> None:
         for item in items:
@@ -116,6 +120,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
     async def fold(stream: Any) -> None:
         async for event in stream.noack().events():
             message = event.message
+            started = time.perf_counter()
             outputs, ack_now = processor.process(
                 partition=message.partition,
                 offset=message.offset,
@@ -125,7 +130,10 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
                 timestamp_ms=None if message.timestamp is None else round(message.timestamp * 1000),
                 handle=event,
             )
+            metrics.processing_latency_s.observe(time.perf_counter() - started)
             await send(outputs)
+            if outputs and message.timestamp is not None:
+                metrics.end_to_end_latency_s.observe(max(0.0, time.time() - message.timestamp))
             if ack_now:
                 event.ack()
 
@@ -151,6 +159,31 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
     async def on_revoked(_sender: Any, *args: Any, **_: Any) -> None:
         processor.revoke(tp.partition for tp in args[0] if tp.topic == settings.input_topic)
 
-    del fold, write_behind, on_assigned, on_revoked
+    def highwater(partition: int) -> int | None:
+        try:
+            value = app.consumer.highwater(TP(settings.input_topic, partition))
+        except Exception:
+            return None
+        return None if value is None else int(value)
+
+    @app.page("/metrics")
+    async def metrics_page(self: Any, request: Any) -> Any:
+        return self.text(processor.metrics_text(highwater), content_type="text/plain; version=0.0.4")
+
+    @app.page("/healthz")
+    async def liveness(self: Any, request: Any) -> Any:
+        return self.json({"status": "alive"})
+
+    @app.page("/readyz")
+    async def readiness(self: Any, request: Any) -> Any:
+        ready = bool(processor.assigned) and not app.rebalancing and not app.in_recovery
+        body = {
+            "ready": ready,
+            "partitions": sorted(processor.assigned),
+            "open": processor.open_completions(),
+        }
+        return self.json(body, status=200 if ready else 503)
+
+    del fold, write_behind, on_assigned, on_revoked, metrics_page, liveness, readiness
     _ = sinks
     return app, processor

@@ -65,7 +65,9 @@ def run_worker(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=args.loglevel.upper())
     topics = (settings.input_topic, settings.events_topic, settings.done_topic, settings.deadletter_topic)
-    asyncio.run(ensure_topics(settings.bootstrap_servers, topics, settings.partitions, settings.replication_factor))
+    asyncio.run(
+        ensure_topics(settings.bootstrap_servers, topics, settings.partitions, settings.replication_factor)
+    )
     app, _ = create_app(settings)
     from faust.worker import Worker
 

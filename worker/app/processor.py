@@ -10,10 +10,11 @@ repeats outputs (identically, the engine is deterministic) but never loses a rec
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from worker.app.metrics import Metrics, render
 from worker.config import Settings
 from worker.core import codec, engine, outputs
 from worker.core.persist import CorruptState, Cursor, completion_of, delete_writes, flush_writes, restore
@@ -71,6 +72,7 @@ class Tracked:
     partition: int
     dirty: bool = False
     pending: list[Any] = field(default_factory=list)
+    stored_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -88,6 +90,7 @@ class Stats:
     deadletters: dict[str, int] = field(default_factory=dict)
     state_writes: int = 0
     state_bytes_written: int = 0
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 class Processor:
@@ -100,6 +103,7 @@ class Processor:
         self.tracked: dict[str, Tracked] = {}
         self.assigned: set[int] = set()
         self.unscanned: set[int] = set()
+        self.positions: dict[int, int] = {}
         self.stats = Stats()
 
     # -- records --------------------------------------------------------------------------
@@ -119,6 +123,7 @@ class Processor:
         acknowledged at once (the record changed no state); otherwise it is held until the
         state that includes it is flushed."""
         self.stats.records_in += 1
+        self.positions[partition] = offset
         try:
             completion_id, record = decode_record(
                 key,
@@ -167,6 +172,11 @@ class Processor:
         if result.done is not None:
             status = result.done["status"]
             self.stats.completions_out[status] = self.stats.completions_out.get(status, 0) + 1
+            timing = result.done["timing"]
+            if timing["time_to_first_token_ms"] is not None:
+                self.stats.metrics.time_to_first_token_s.observe(timing["time_to_first_token_ms"] / 1000)
+            if timing["tokens_per_second"] is not None:
+                self.stats.metrics.tokens_per_second.observe(timing["tokens_per_second"])
             out.append(Output(self.settings.done_topic, key, codec.dumps(result.done)))
         return out
 
@@ -203,8 +213,11 @@ class Processor:
         for tracked in self.tracked.values():
             if not tracked.dirty:
                 continue
+            if isinstance(tracked.state, ClosedCompletion):
+                tracked.stored_bytes = 0
             for key, value in flush_writes(tracked.state, tracked.cursor, tracked.partition):
                 batch.writes.append((tracked.partition, key, value))
+                tracked.stored_bytes += len(key) + len(value or b"")
             batch.acks.extend((tracked.partition, handle) for handle in tracked.pending)
             tracked.pending = []
             tracked.dirty = False
@@ -279,6 +292,75 @@ class Processor:
                 loaded += 1
         self.unscanned.clear()
         return loaded
+
+    def metrics_text(self, highwater: Callable[[int], int | None]) -> str:
+        """Prometheus exposition; ``highwater(partition)`` gives the input topic's end offset."""
+        s = self.stats
+        lag = {}
+        for partition in sorted(self.assigned):
+            end = highwater(partition)
+            if end is not None:
+                lag[str(partition)] = max(0, end - self.positions.get(partition, -1) - 1)
+        return render(
+            counters={
+                "chunkfold_records_in_total": ("input records read", s.records_in, ""),
+                "chunkfold_chunks_in_total": ("chunk records folded", s.chunks_in, ""),
+                "chunkfold_events_out_total": ("events published", s.events_out, ""),
+                "chunkfold_completions_out_total": (
+                    "completion-done records by status",
+                    s.completions_out,
+                    "status",
+                ),
+                "chunkfold_deadletters_total": ("dead-letter records by reason", s.deadletters, "reason"),
+                "chunkfold_state_writes_total": (
+                    "state store writes (changelog records)",
+                    s.state_writes,
+                    "",
+                ),
+                "chunkfold_state_written_bytes_total": ("state bytes written", s.state_bytes_written, ""),
+            },
+            gauges={
+                "chunkfold_open_completions": (
+                    "completions open on this worker",
+                    self.open_completions(),
+                    "",
+                ),
+                "chunkfold_closed_tombstones": (
+                    "finished completions kept to catch late records",
+                    self.closed_tombstones(),
+                    "",
+                ),
+                "chunkfold_state_bytes": (
+                    "bytes of state stored for tracked completions",
+                    self.state_bytes(),
+                    "",
+                ),
+                "chunkfold_assigned_partitions": ("input partitions owned", len(self.assigned), ""),
+                "chunkfold_consumer_lag": (
+                    "records behind the end of each input partition",
+                    lag,
+                    "partition",
+                ),
+            },
+            histograms={
+                "chunkfold_processing_latency_seconds": (
+                    "time to fold one record",
+                    s.metrics.processing_latency_s,
+                ),
+                "chunkfold_end_to_end_latency_seconds": (
+                    "record timestamp to its outputs being sent",
+                    s.metrics.end_to_end_latency_s,
+                ),
+                "chunkfold_time_to_first_token_seconds": (
+                    "of finished completions",
+                    s.metrics.time_to_first_token_s,
+                ),
+                "chunkfold_tokens_per_second": ("of finished completions", s.metrics.tokens_per_second),
+            },
+        )
+
+    def state_bytes(self) -> int:
+        return sum(t.stored_bytes for t in self.tracked.values())
 
     def open_completions(self) -> int:
         return sum(1 for t in self.tracked.values() if isinstance(t.state, CompletionState))
