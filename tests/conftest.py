@@ -12,6 +12,8 @@ from types import ModuleType
 
 import pytest
 
+from tests.harness import WorkerProcess
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,3 +42,12 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield broker.start()
     finally:
         broker.close()
+
+
+@pytest.fixture
+def workers(kafka: str) -> Iterator[list[WorkerProcess]]:
+    """Worker processes a test starts; stopped (SIGTERM, then SIGKILL) after it."""
+    started: list[WorkerProcess] = []
+    yield started
+    for worker in started:
+        worker.stop()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -17,8 +19,9 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer
 
+from tests.recorded import FIXTURES
 from worker.config import Settings
-from worker.gateway import GatewayRecord
+from worker.gateway import GatewayRecord, capture_records, interleave, load_captures
 from worker.produce import publish
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +102,19 @@ class Collected:
     events: list[tuple[bytes, dict[str, Any]]] = field(default_factory=list)
     done: list[tuple[bytes, dict[str, Any], bytes]] = field(default_factory=list)
     deadletters: list[dict[str, Any]] = field(default_factory=list)
+    stamps: list[float] = field(default_factory=list)
+
+    def longest_gap(self, start: float, end: float) -> float:
+        """Longest time without any output between ``start`` and ``end`` (epoch s)."""
+        inside = sorted(t for t in self.stamps if start <= t <= end)
+        points = [start, *inside, end] if inside else [start, end]
+        return max(b - a for a, b in itertools.pairwise(points))
+
+    def repeats(self) -> tuple[int, int]:
+        """(repeated completion-done records, repeated events) before de-duplication."""
+        done_ids = [k for k, _, _ in self.done]
+        event_ids = [(k, v["seq"]) for k, v in self.events]
+        return len(done_ids) - len(set(done_ids)), len(event_ids) - len(set(event_ids))
 
     def done_by_id(self) -> dict[str, dict[str, Any]]:
         """One completion-done per id; asserts any repeat is byte-identical."""
@@ -142,10 +158,13 @@ async def _collect(
             batch = await consumer.getmany(timeout_ms=200, max_records=5000)
             for tp, messages in batch.items():
                 for m in messages:
-                    assert m.key is not None and m.value is not None
+                    assert m.value is not None
+                    got.stamps.append(m.timestamp / 1000)
                     if tp.topic == settings.events_topic:
+                        assert m.key is not None
                         got.events.append((m.key, orjson.loads(m.value)))
                     elif tp.topic == settings.done_topic:
+                        assert m.key is not None
                         got.done.append((m.key, orjson.loads(m.value), m.value))
                     else:
                         got.deadletters.append(orjson.loads(m.value))
@@ -269,3 +288,75 @@ def assert_matches_reference(
             completion_id
         )
         assert events.get(completion_id, []) == want_events.get(completion_id, []), completion_id
+
+
+class BackgroundProducer(threading.Thread):
+    """Publishes records at ``rate`` per second from a thread, as a gateway would (idempotent
+    producer, acks=all), remembering when each completion's first and last record went out."""
+
+    def __init__(self, settings: Settings, records: list[GatewayRecord], rate: float) -> None:
+        super().__init__(daemon=True)
+        self.settings, self.records, self.rate = settings, records, rate
+        self.first_sent: dict[bytes, float] = {}
+        self.last_sent: dict[bytes, float] = {}
+        self.sent = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as exc:
+            self.error = exc
+
+    async def _run(self) -> None:
+        from worker.kafka_io import ensure_topics, make_producer
+
+        await ensure_topics(
+            self.settings.bootstrap_servers, [self.settings.input_topic], self.settings.partitions
+        )
+        producer = make_producer(
+            self.settings.bootstrap_servers, enable_idempotence=True, request_timeout_ms=120_000
+        )
+        await producer.start()
+        start = time.monotonic()
+        try:
+            for i, r in enumerate(self.records):
+                delay = start + i / self.rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await producer.send(self.settings.input_topic, r.value, key=r.key, headers=r.headers)
+                now = time.time()
+                self.first_sent.setdefault(r.key, now)
+                self.last_sent[r.key] = now
+                self.sent += 1
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    def in_flight_at(self, moment: float) -> int:
+        """Completions that had started but not finished publishing at ``moment`` (epoch s)."""
+        return sum(1 for k, t in self.first_sent.items() if t <= moment < self.last_sent[k])
+
+    def finish(self, timeout: float = 300.0) -> None:
+        self.join(timeout)
+        assert not self.is_alive(), "producer did not finish"
+        if self.error is not None:
+            raise self.error
+
+
+def start_workers(settings: Settings, count: int, tmp_path: Path, started: list[WorkerProcess]) -> None:
+    for n in range(count):
+        started.append(WorkerProcess(settings, tmp_path / f"worker-{n}.log").start())
+    wait_group_stable(settings, count)
+
+
+def recorded_records(repeat: int = 1, concurrency: int = 0) -> tuple[list[GatewayRecord], int]:
+    streams: list[list[GatewayRecord]] = []
+    for _, text, request in load_captures([FIXTURES]):
+        for n in range(repeat):
+            streams += capture_records(text, request, key_suffix=f"-{n}" if repeat > 1 else "").values()
+    return list(interleave(streams, seed=repeat, concurrency=concurrency)), len(streams)
+
+
+def done_count(n: int) -> Any:
+    return lambda got: len({k for k, _, _ in got.done}) >= n

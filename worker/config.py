@@ -35,7 +35,6 @@ class Settings:
     replication_factor: int = 1
     idle_timeout_s: float = 600.0
     tombstone_s: float = 600.0
-    sweep_interval_s: float = 5.0
     commit_interval_s: float = 1.0
     flush_max_chunks: int = 256
     max_record_bytes: int = 1 << 20

@@ -85,15 +85,23 @@ def load_captures(paths: Iterable[Path]) -> list[tuple[Path, str, dict[str, Any]
     return out
 
 
-def interleave(streams: list[list[GatewayRecord]], seed: int = 0) -> Iterator[GatewayRecord]:
+def interleave(
+    streams: list[list[GatewayRecord]], seed: int = 0, concurrency: int = 0
+) -> Iterator[GatewayRecord]:
     """Merge per-completion streams the way concurrent requests arrive: each stream keeps its
-    order, streams are mixed at random."""
+    order, streams are mixed at random, at most ``concurrency`` at a time (0: all at once)."""
     rng = random.Random(seed)
-    cursors = [0] * len(streams)
-    live = [i for i, s in enumerate(streams) if s]
-    while live:
-        i = rng.choice(live)
-        yield streams[i][cursors[i]]
-        cursors[i] += 1
-        if cursors[i] == len(streams[i]):
-            live.remove(i)
+    pending = [s for s in streams if s]
+    pending.reverse()
+    window = concurrency or len(pending)
+    live: list[tuple[list[GatewayRecord], int]] = []
+    while pending or live:
+        while pending and len(live) < window:
+            live.append((pending.pop(), 0))
+        i = rng.randrange(len(live))
+        stream, cursor = live[i]
+        yield stream[cursor]
+        if cursor + 1 == len(stream):
+            live.pop(i)
+        else:
+            live[i] = (stream, cursor + 1)

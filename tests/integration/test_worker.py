@@ -4,9 +4,7 @@ partitions with two workers, the replay equivalence, and dead letters."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
@@ -16,42 +14,18 @@ from tests.harness import (
     Collected,
     WorkerProcess,
     collect,
+    done_count,
     fresh_settings,
     produce,
-    wait_group_stable,
+    recorded_records,
+    start_workers,
 )
-from tests.recorded import FIXTURES, recordings
+from tests.recorded import recordings
 from worker.config import Settings
-from worker.gateway import GatewayRecord, capture_records, interleave, load_captures
+from worker.gateway import GatewayRecord, capture_records
 from worker.replay import replay_kafka
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def workers(kafka: str, tmp_path: Path) -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for worker in started:
-        worker.stop()
-
-
-def start_workers(settings: Settings, count: int, tmp_path: Path, started: list[WorkerProcess]) -> None:
-    for n in range(count):
-        started.append(WorkerProcess(settings, tmp_path / f"worker-{n}.log").start())
-    wait_group_stable(settings, count)
-
-
-def recorded_records(repeat: int = 1) -> tuple[list[GatewayRecord], int]:
-    streams: list[list[GatewayRecord]] = []
-    for _, text, request in load_captures([FIXTURES]):
-        for n in range(repeat):
-            streams += capture_records(text, request, key_suffix=f"-{n}" if repeat > 1 else "").values()
-    return list(interleave(streams, seed=repeat)), len(streams)
-
-
-def done_count(n: int) -> Any:
-    return lambda got: len({k for k, _, _ in got.done}) >= n
 
 
 def test_recorded_streams_give_the_golden_completions_and_events(
