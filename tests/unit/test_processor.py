@@ -195,3 +195,40 @@ def test_idle_completions_expire_and_their_state_is_deleted() -> None:
     assert processor.closed_tombstones() == 49
     processor.sweep(now_ms=10_000_000 + 31_000)
     assert processor.closed_tombstones() == 0 and run.store.data == {}
+
+
+def test_a_flush_captured_before_a_rebalance_is_dropped() -> None:
+    from worker.core.persist import restore
+    from worker.core.state import encode_state
+
+    records = [r for recs in gateway_records().values() for r in recs][:400]
+    store = MemoryStore()
+    processor = Processor(Settings(partitions=1), store)
+    processor.assign([0])
+
+    def feed(start: int, stop: int) -> None:
+        for offset in range(start, stop):
+            r = records[offset]
+            processor.process(
+                partition=0,
+                offset=offset,
+                key=r.key,
+                value=r.value,
+                headers=r.headers,
+                timestamp_ms=offset,
+                handle=offset,
+            )
+
+    feed(0, 100)
+    processor.apply(processor.capture())
+    feed(100, 200)
+    stale = processor.capture()
+    processor.revoke([0])
+    processor.assign([0])
+    feed(100, 300)
+    assert processor.apply(processor.capture())
+    assert processor.apply(stale) == []
+    for completion_id, tracked in processor.tracked.items():
+        restored = restore(completion_id, store.get)
+        assert restored is not None
+        assert encode_state(restored.state) == encode_state(tracked.state), completion_id

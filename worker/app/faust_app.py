@@ -139,10 +139,6 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
 
     @app.timer(interval=settings.commit_interval_s, name="write_behind")  # type: ignore[untyped-decorator]
     async def write_behind() -> None:
-        if processor.unscanned and not app.in_recovery:
-            loaded = processor.scan()
-            if loaded:
-                log.info("loaded %d stored completions of newly assigned partitions", loaded)
         await send(processor.sweep(int(time.time() * 1000)))
         batch = processor.capture()
         if not batch.writes and not batch.acks:
@@ -154,6 +150,14 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(_sender: Any, *args: Any, **_: Any) -> None:
         processor.assign(tp.partition for tp in args[0] if tp.topic == settings.input_topic)
+
+    @app.on_rebalance_complete.connect  # type: ignore[arg-type]
+    async def on_recovered(_sender: Any, *_args: Any, **_: Any) -> None:
+        # Sent once table recovery has replayed the changelog of every assigned partition:
+        # only now is the store complete enough to load completions nobody writes to any more.
+        loaded = processor.scan()
+        if loaded:
+            log.info("loaded %d stored completions of newly assigned partitions", loaded)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(_sender: Any, *args: Any, **_: Any) -> None:
@@ -184,6 +188,6 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
         }
         return self.json(body, status=200 if ready else 503)
 
-    del fold, write_behind, on_assigned, on_revoked, metrics_page, liveness, readiness
+    del fold, write_behind, on_assigned, on_recovered, on_revoked, metrics_page, liveness, readiness
     _ = sinks
     return app, processor

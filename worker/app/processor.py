@@ -77,6 +77,7 @@ class Tracked:
 
 @dataclass(slots=True)
 class FlushBatch:
+    generation: int
     writes: list[tuple[int, str, bytes | None]] = field(default_factory=list)
     acks: list[tuple[int, Any]] = field(default_factory=list)
 
@@ -104,6 +105,7 @@ class Processor:
         self.assigned: set[int] = set()
         self.unscanned: set[int] = set()
         self.positions: dict[int, int] = {}
+        self.generation = 0
         self.stats = Stats()
 
     # -- records --------------------------------------------------------------------------
@@ -209,7 +211,7 @@ class Processor:
     def capture(self) -> FlushBatch:
         """The writes that persist every changed completion as of now, and the handles they
         release. Call, then make sure earlier outputs are delivered, then ``apply``."""
-        batch = FlushBatch()
+        batch = FlushBatch(self.generation)
         for tracked in self.tracked.values():
             if not tracked.dirty:
                 continue
@@ -225,8 +227,12 @@ class Processor:
 
     def apply(self, batch: FlushBatch) -> list[Any]:
         """Write ``batch`` to the store; returns the handles that may now be acknowledged.
-        Writes for partitions this worker no longer owns are dropped (their records will be
-        processed again by the new owner)."""
+
+        A batch captured before a rebalance is dropped whole: everything it describes was
+        forgotten at the revocation and will be redone from the store and the committed
+        offsets, and writing it now could interleave with newer writes for the same keys."""
+        if batch.generation != self.generation:
+            return []
         for partition, key, value in batch.writes:
             if partition in self.assigned:
                 self.store.write(partition, key, value)
@@ -272,7 +278,9 @@ class Processor:
 
     def revoke(self, partitions: Iterable[int]) -> None:
         """Forget everything about ``partitions``: unflushed work will be redone by the next
-        owner from the last committed offset and the last flushed state."""
+        owner from the last committed offset and the last flushed state. Starts a new
+        generation, so flush batches captured before now are dropped."""
+        self.generation += 1
         gone = set(partitions)
         self.assigned -= gone
         self.unscanned -= gone
