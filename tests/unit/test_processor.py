@@ -185,15 +185,17 @@ def test_idle_completions_expire_and_their_state_is_deleted() -> None:
     run = Run(cut, settings=Settings(partitions=PARTITIONS, idle_timeout_s=60, tombstone_s=30))
     assert run.consume(None, 5, random.Random(5))
     processor, _, acked = run.start()
+    processor.clock = lambda: 10_000.0
     assert processor.scan() == 49
     assert processor.open_completions() == 49
-    expired = processor.sweep(now_ms=10_000_000)
+    expired = processor.sweep()
     statuses = [orjson.loads(o.value)["status"] for o in expired if o.topic == "completion-done"]
     assert statuses == ["expired"] * 49
     run.flush(processor, acked)
     assert all("\x1f" not in k for k in run.store.data), "segments are deleted when a completion closes"
     assert processor.closed_tombstones() == 49
-    processor.sweep(now_ms=10_000_000 + 31_000)
+    processor.clock = lambda: 10_031.0
+    processor.sweep()
     assert processor.closed_tombstones() == 0 and run.store.data == {}
 
 
@@ -232,3 +234,22 @@ def test_a_flush_captured_before_a_rebalance_is_dropped() -> None:
         restored = restore(completion_id, store.get)
         assert restored is not None
         assert encode_state(restored.state) == encode_state(tracked.state), completion_id
+
+
+def test_a_backlog_does_not_expire_completions_whose_records_are_still_coming() -> None:
+    wall = [1_000.0]
+    processor = Processor(Settings(idle_timeout_s=60), MemoryStore(), clock=lambda: wall[0])
+    processor.assign([0])
+    log = next(iter(gateway_records().values()))
+    first = log[0]
+    second = next(r for r in log[1:] if r.key == first.key)
+    processor.process(
+        partition=0, offset=0, key=first.key, value=first.value, headers=[], timestamp_ms=0, handle=0
+    )
+    assert processor.sweep() == [], "records 1000 s old in a backlog being consumed are not idle"
+    processor.process(
+        partition=0, offset=1, key=second.key, value=second.value, headers=[], timestamp_ms=1_000, handle=1
+    )
+    wall[0] += 61
+    expired = processor.sweep()
+    assert [orjson.loads(o.value)["status"] for o in expired] == ["expired"]

@@ -139,7 +139,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
 
     @app.timer(interval=settings.commit_interval_s, name="write_behind")  # type: ignore[untyped-decorator]
     async def write_behind() -> None:
-        await send(processor.sweep(int(time.time() * 1000)))
+        await send(processor.sweep())
         batch = processor.capture()
         if not batch.writes and not batch.acks:
             return

@@ -10,6 +10,7 @@ repeats outputs (identically, the engine is deterministic) but never loses a rec
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -97,14 +98,17 @@ class Stats:
 class Processor:
     """Per-worker driver of the engine over the partitions this worker owns."""
 
-    def __init__(self, settings: Settings, store: StateStore) -> None:
+    def __init__(self, settings: Settings, store: StateStore, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
+        self.clock = clock
         self.store = store
         self.options = engine.FoldOptions(snapshots=settings.snapshots, partial_parse=settings.partial_parse)
         self.tracked: dict[str, Tracked] = {}
         self.assigned: set[int] = set()
         self.unscanned: set[int] = set()
         self.positions: dict[int, int] = {}
+        self.stream_time: dict[int, int] = {}
+        self.last_record_at: dict[int, int] = {}
         self.generation = 0
         self.stats = Stats()
 
@@ -126,6 +130,9 @@ class Processor:
         state that includes it is flushed."""
         self.stats.records_in += 1
         self.positions[partition] = offset
+        self.last_record_at[partition] = self.clock_ms()
+        if timestamp_ms is not None and timestamp_ms > self.stream_time.get(partition, -1):
+            self.stream_time[partition] = timestamp_ms
         try:
             completion_id, record = decode_record(
                 key,
@@ -242,32 +249,44 @@ class Processor:
 
     # -- time -----------------------------------------------------------------------------
 
-    def sweep(self, now_ms: int) -> list[Output]:
+    def sweep(self, now_ms: int | None = None) -> list[Output]:
         """Close completions idle longer than the idle timeout (status ``expired``) and forget
-        tombstones older than their TTL. Their store updates go out with the next flush."""
-        out: list[Output] = []
+        tombstones older than their TTL. Their store updates go out with the next flush.
+
+        Idle time is measured in stream time: while a partition is being consumed, "now" is
+        the newest record timestamp seen on it, so a worker catching up on a backlog does not
+        expire completions whose next records are still in that backlog. A partition that
+        has been quiet for the whole timeout uses the wall clock."""
+        wall_ms = self.clock_ms() if now_ms is None else now_ms
         idle_ms = int(self.settings.idle_timeout_s * 1000)
         tombstone_ms = int(self.settings.tombstone_s * 1000)
+        out: list[Output] = []
         for completion_id, tracked in list(self.tracked.items()):
+            now = self._stream_now(tracked.partition, wall_ms, idle_ms)
             since = engine.idle_since_ms(tracked.state)
             if since is None:
-                since = now_ms
+                since = now
                 if isinstance(tracked.state, CompletionState):
-                    tracked.state.last_activity_ms = now_ms
+                    tracked.state.last_activity_ms = now
             if isinstance(tracked.state, CompletionState):
-                if now_ms - since >= idle_ms:
-                    result = engine.expire(tracked.state, now_ms)
+                if now - since >= idle_ms:
+                    result = engine.expire(tracked.state, now)
                     assert result.state is not None
                     tracked.state = result.state
                     tracked.dirty = True
                     out += self._outputs(completion_id, result)
-            elif now_ms - since >= tombstone_ms and not tracked.dirty:
-                for key, value in delete_writes(completion_id, tracked.cursor):
-                    self.store.write(
-                        tracked.partition, key, value
-                    ) if tracked.partition in self.assigned else None
+            elif now - since >= tombstone_ms and not tracked.dirty:
+                if tracked.partition in self.assigned:
+                    for key, value in delete_writes(completion_id, tracked.cursor):
+                        self.store.write(tracked.partition, key, value)
                 del self.tracked[completion_id]
         return out
+
+    def _stream_now(self, partition: int, wall_ms: int, idle_ms: int) -> int:
+        last_record_at = self.last_record_at.get(partition)
+        if last_record_at is not None and wall_ms - last_record_at < idle_ms:
+            return self.stream_time.get(partition, wall_ms)
+        return wall_ms
 
     # -- ownership ------------------------------------------------------------------------
 
@@ -366,6 +385,9 @@ class Processor:
                 "chunkfold_tokens_per_second": ("of finished completions", s.metrics.tokens_per_second),
             },
         )
+
+    def clock_ms(self) -> int:
+        return int(self.clock() * 1000)
 
     def state_bytes(self) -> int:
         return sum(t.stored_bytes for t in self.tracked.values())

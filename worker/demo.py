@@ -1,0 +1,241 @@
+"""``make run``: a local broker (unless ``KAFKA_BOOTSTRAP_SERVERS`` is set), a worker, and a demo
+producer that replays recorded and generated streams at a realistic pace, with live progress."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer
+
+from worker.config import Settings
+from worker.gateway import GatewayRecord, capture_records, load_captures
+from worker.kafka_io import ensure_topics, make_producer
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "openai-recorded"
+CHUNK_GAP_S = 0.025
+CONCURRENT = 24
+
+
+def _log(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def start_broker() -> tuple[str, bool]:
+    """The configured broker, or a local one started by ``deploy/kafka/kafka.py up``."""
+    configured = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if configured:
+        return configured, False
+    script = ROOT / "deploy" / "kafka" / "kafka.py"
+    _log("no KAFKA_BOOTSTRAP_SERVERS: starting a local Kafka broker (first run downloads the jars)")
+    status = subprocess.run([sys.executable, str(script), "status"], capture_output=True, text=True)
+    already = status.returncode == 0
+    up = subprocess.run([sys.executable, str(script), "up"], stdout=subprocess.PIPE, text=True)
+    if up.returncode != 0:
+        raise SystemExit("[demo] could not start Kafka (see the lines above)")
+    return up.stdout.strip().splitlines()[-1], not already
+
+
+def demo_streams() -> list[list[GatewayRecord]]:
+    """Recorded API streams (when the shared fixtures are present) plus generated ones."""
+    from worker import synthetic
+
+    streams: list[list[GatewayRecord]] = []
+    if FIXTURES.is_dir():
+        for _, text, request in load_captures([FIXTURES]):
+            streams += capture_records(text, request).values()
+    for n, kind in enumerate(synthetic.KINDS * 4):
+        stream = synthetic.make_stream(kind, 48 + 40 * n, seed=n)
+        streams += capture_records(stream.capture(), stream.request).values()
+    return streams
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.produced_chunks = 0
+        self.started_completions = 0
+        self.done: Counter[str] = Counter()
+        self.events = 0
+        self.deadletters = 0
+        self.sample: dict[str, Any] | None = None
+        self.sample_shown = False
+
+    def line(self, rate: float) -> str:
+        finished = sum(self.done.values())
+        statuses = " ".join(f"{k}={v}" for k, v in sorted(self.done.items()))
+        return (
+            f"[{time.monotonic() - self.started:6.1f}s] completions finished {finished} ({statuses or '-'})  "
+            f"open {self.started_completions - finished}  chunks/s {rate:7.1f}  events {self.events}  "
+            f"dead letters {self.deadletters}"
+        )
+
+
+async def produce_forever(settings: Settings, progress: Progress, stop: asyncio.Event) -> None:
+    producer = make_producer(settings.bootstrap_servers)
+    await producer.start()
+    templates = demo_streams()
+    _log(
+        f"producing {len(templates)} distinct streams, {CONCURRENT} at a time, ~{1 / CHUNK_GAP_S:.0f} chunks/s each"
+    )
+    round_no = 0
+
+    async def one(template: list[GatewayRecord], tag: str) -> None:
+        completion_id = template[0].key.decode() + tag
+        rewritten = capture_records_with_key(template, completion_id)
+        progress.started_completions += 1
+        for record in rewritten:
+            if stop.is_set():
+                return
+            await producer.send(
+                settings.input_topic,
+                record.value,
+                key=record.key,
+                headers=record.headers,
+                timestamp_ms=int(time.time() * 1000),
+            )
+            progress.produced_chunks += 1
+            await asyncio.sleep(CHUNK_GAP_S)
+
+    try:
+        while not stop.is_set():
+            round_no += 1
+            queue = list(templates)
+            running: set[asyncio.Task[None]] = set()
+            while queue and not stop.is_set():
+                while queue and len(running) < CONCURRENT:
+                    running.add(asyncio.create_task(one(queue.pop(), f"-r{round_no}")))
+                _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            if running:
+                await asyncio.wait(running)
+    finally:
+        await producer.stop()
+
+
+def capture_records_with_key(template: list[GatewayRecord], completion_id: str) -> list[GatewayRecord]:
+    old = template[0].key.decode()
+    out = []
+    for record in template:
+        value = record.value
+        if value.startswith(b"{") and f'"{old}"'.encode() in value:
+            value = value.replace(f'"id":"{old}"'.encode(), f'"id":"{completion_id}"'.encode(), 1)
+        out.append(GatewayRecord(completion_id.encode(), value, record.headers))
+    return out
+
+
+async def watch(settings: Settings, progress: Progress, stop: asyncio.Event) -> None:
+    consumer = AIOKafkaConsumer(
+        settings.events_topic,
+        settings.done_topic,
+        settings.deadletter_topic,
+        bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="latest",
+        group_id=None,
+    )
+    await consumer.start()
+    try:
+        while not stop.is_set():
+            batch = await consumer.getmany(timeout_ms=250)
+            for tp, messages in batch.items():
+                for m in messages:
+                    if tp.topic == settings.events_topic:
+                        progress.events += 1
+                    elif tp.topic == settings.done_topic:
+                        done = orjson.loads(m.value)
+                        progress.done[done["status"]] += 1
+                        if progress.sample is None and done["status"] == "completed" and done["request"]:
+                            progress.sample = done
+                    else:
+                        progress.deadletters += 1
+    finally:
+        await consumer.stop()
+
+
+async def report(progress: Progress, stop: asyncio.Event) -> None:
+    last_chunks, last_time = 0, time.monotonic()
+    while not stop.is_set():
+        await asyncio.sleep(2)
+        now = time.monotonic()
+        rate = (progress.produced_chunks - last_chunks) / (now - last_time)
+        last_chunks, last_time = progress.produced_chunks, now
+        print(progress.line(rate), flush=True)
+        if progress.sample is not None and not progress.sample_shown:
+            progress.sample_shown = True
+            sample = {
+                k: progress.sample[k] for k in ("completion_id", "status", "usage", "timing", "chunk_count")
+            }
+            message = progress.sample["completion"]["choices"][0]["message"]
+            sample["message"] = {k: message[k] for k in ("content", "parsed", "tool_calls") if message.get(k)}
+            print(
+                "[demo] a finished completion-done record:\n"
+                + orjson.dumps(sample, option=orjson.OPT_INDENT_2).decode()
+            )
+
+
+async def run(settings: Settings) -> None:
+    topics = (settings.input_topic, settings.events_topic, settings.done_topic, settings.deadletter_topic)
+    await ensure_topics(settings.bootstrap_servers, topics, settings.partitions)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    progress = Progress()
+    tasks = [
+        asyncio.create_task(produce_forever(settings, progress, stop)),
+        asyncio.create_task(watch(settings, progress, stop)),
+        asyncio.create_task(report(progress, stop)),
+    ]
+    await stop.wait()
+    for task in tasks:
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def main() -> int:
+    bootstrap, started_broker = start_broker()
+    _log(f"Kafka at {bootstrap}")
+    settings = Settings.from_env(
+        bootstrap_servers=bootstrap, app_id=os.environ.get("CHUNKFOLD_APP_ID", "chunkfold-demo")
+    )
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "CHUNKFOLD_APP_ID": settings.app_id}
+    log_path = ROOT / ".cache" / "demo-worker.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    _log(f"starting the worker (log: {log_path.relative_to(ROOT)}); Ctrl-C stops the demo")
+    with log_path.open("ab") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "worker", "--loglevel", "warning"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        asyncio.run(run(settings))
+    finally:
+        _log("stopping the worker")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+        if started_broker:
+            _log("stopping the local Kafka broker")
+            subprocess.run([sys.executable, str(ROOT / "deploy" / "kafka" / "kafka.py"), "down"], check=False)
+        _log("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
