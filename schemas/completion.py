@@ -34,6 +34,30 @@ class ChoiceLogprobs(_Open):
     refusal: list[TokenLogprob] | None = None
 
 
+class AnnotationURLCitation(_Open):
+    end_index: int | None = None
+    start_index: int | None = None
+    title: str | None = None
+    url: str | None = None
+
+
+class Annotation(_Open):
+    type: str | None = None
+    url_citation: AnnotationURLCitation | None = None
+
+
+class ChatCompletionAudio(_Open):
+    id: str | None = None
+    data: str | None = None
+    expires_at: int | None = None
+    transcript: str | None = None
+
+
+class FunctionCall(_Open):
+    arguments: str | None = None
+    name: str | None = None
+
+
 class ParsedFunction(_Open):
     arguments: str | None = None
     name: str | None = None
@@ -50,9 +74,9 @@ class ParsedChatCompletionMessage(_Open):
     content: str | None = None
     refusal: str | None = None
     role: str | None = None
-    annotations: list[dict[str, Any]] | None = None
-    audio: dict[str, Any] | None = None
-    function_call: dict[str, Any] | None = None
+    annotations: list[Annotation] | None = None
+    audio: ChatCompletionAudio | None = None
+    function_call: FunctionCall | None = None
     tool_calls: list[ParsedFunctionToolCall] | None = None
     parsed: Any = None
 

@@ -73,7 +73,7 @@ class ToolArgumentsDone(_Event):
     type: Literal["tool_calls.function.arguments.done"]
     name: str | None
     index: int
-    arguments: str
+    arguments: str | None = Field(description="null only while the provider sent no string for them")
     parsed_arguments: Any = None
 
 

@@ -20,6 +20,15 @@ def loads(data: bytes | bytearray | memoryview | str) -> Any:
         raise DecodeError(str(exc).splitlines()[0]) from None
 
 
+def loads_value(data: bytes | str) -> Any:
+    """Parse a complete JSON value as pydantic (and so openai-python) does, with jiter:
+    numbers beyond float range become ``inf`` instead of an error."""
+    try:
+        return jiter.from_json(data.encode("utf-8") if isinstance(data, str) else data)
+    except ValueError as exc:
+        raise DecodeError(str(exc).splitlines()[0]) from None
+
+
 def dumps(value: Any) -> bytes:
     """Compact JSON bytes; non-str dict keys are stringified, floats keep their value."""
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)

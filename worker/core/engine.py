@@ -9,8 +9,9 @@ Snapshots and partial parses on delta events (what the SDK recomputes per chunk)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from worker.core import codec, shape
 from worker.core.records import CHUNK_OBJECT, InputRecord, InvalidRecord, RecordKind, validate_request
@@ -28,7 +29,7 @@ from worker.core.validation import SchemaValidationError, parse_and_validate
 
 DONE_RECORD_VERSION = 1
 TRUNCATING_FINISH_REASONS = ("length", "content_filter")
-_SKIP_DELTA_KEYS = frozenset({"role", "tool_calls", *TEXT_FIELDS, *REASONING_FIELDS})
+_TEXT_KEYS = frozenset({*TEXT_FIELDS, *REASONING_FIELDS})
 _SKIP_CHOICE_KEYS = frozenset({"index", "delta", "finish_reason", "logprobs"})
 _SKIP_HEADER_KEYS = frozenset({"choices", "usage", "obfuscation", "system_fingerprint", "moderation"})
 
@@ -191,20 +192,30 @@ def _fold_chunk(
         if state.first_chunk_ms is None:
             state.first_chunk_ms = ts
         state.last_chunk_ms = ts
-    if state.header is None:
+    first_chunk = state.header is None
+    if first_chunk:
         header = {k: v for k, v in chunk.items() if k not in _SKIP_HEADER_KEYS}
         header["object"] = "chat.completion"
         state.header = header
 
-    events: list[dict[str, Any]] | None = [] if state.status is None else None
+    # openai-python accumulates every choice of a chunk, then builds the chunk's events: an
+    # error in either phase discards all of the chunk's events, and accumulation errors win.
+    emitting = state.status is None
+    sdk_first = options.sdk and first_chunk
+    steps: list[_Step] = []
     for choice, indexes in zip(choices, tool_indexes, strict=True):
         try:
-            _fold_choice(state, choice, indexes, options, events, ts)
+            steps.append(_accumulate_choice(state, choice, indexes, options, ts, sdk_first))
         except _StreamError as exc:
-            state.status = _status_for(exc.error_type)
-            state.error = {"type": exc.error_type, "message": exc.message}
-            result.stream_error = exc.error_type
-            events = None
+            _fail(state, result, exc)
+    events: list[dict[str, Any]] = []
+    if emitting and state.status is None:
+        try:
+            for step in steps:
+                _choice_events(state, step, options, events, sdk_first)
+        except _StreamError as exc:
+            _fail(state, result, exc)
+            events = []
 
     usage = chunk.get("usage")
     if usage is not None:
@@ -217,6 +228,13 @@ def _fold_chunk(
         state.moderation = moderation
     if events:
         result.events.extend(_number(state, events))
+
+
+def _fail(state: CompletionState, result: FoldResult, exc: _StreamError) -> None:
+    if state.status is None:
+        state.status = _status_for(exc.error_type)
+        state.error = {"type": exc.error_type, "message": exc.message}
+        result.stream_error = exc.error_type
 
 
 def _status_for(error_type: str) -> str:
@@ -241,10 +259,13 @@ def _resolve_tool_indexes(state: CompletionState, choice: dict[str, Any]) -> lis
     carries an ``id`` none of the open calls has; anything else is ambiguous and rejected.
     Nothing is mutated here, so a rejected chunk leaves the state as it was.
     """
-    delta = choice.get("delta") or {}
-    calls = delta.get("tool_calls") or ()
+    delta = choice.get("delta")
+    calls = delta.get("tool_calls") if delta else None
     if not calls:
         return []
+    indexes = [call.get("index") for call in calls]
+    if None not in indexes:
+        return indexes
     existing = state.choices.get(choice["index"])
     known = {i: t for i, t in existing.tools.items()} if existing else {}
     open_calls = [i for i, t in known.items() if not t.done]
@@ -286,95 +307,133 @@ def _merge_identity(old: str | None, new: str) -> str:
     return old + new
 
 
-def _fold_choice(
+class _Step(NamedTuple):
+    """One choice entry of a chunk, accumulated, waiting for its events to be built."""
+
+    cs: ChoiceState
+    delta: dict[str, Any]
+    tool_indexes: list[int]
+    touched: list[tuple[ToolCallState, str]]
+    logprobs: dict[str, Any] | None
+
+
+def _accumulate_choice(
     state: CompletionState,
     choice: dict[str, Any],
     tool_indexes: list[int],
     options: FoldOptions,
-    events: list[dict[str, Any]] | None,
     ts: int | None,
-) -> None:
+    sdk_first: bool,
+) -> _Step:
+    """Fold one choice entry into the state (openai-python's ``_accumulate_chunk`` for it).
+    ``sdk_first``: the SDK builds its snapshot from the stream's first chunk without its
+    per-chunk partial parses and finish-reason check."""
     index: int = choice["index"]
     cs = state.choices.get(index)
     if cs is None:
         cs = state.choice(index)
         cs.choice_extra = {k: v for k, v in choice.items() if k not in _SKIP_CHOICE_KEYS}
     delta: dict[str, Any] = choice.get("delta") or {}
-
-    role = delta.get("role")
-    if role is not None:
-        cs.role = role if cs.role is None else cs.role
     got_token = False
-    for name in (*TEXT_FIELDS, *REASONING_FIELDS):
-        if name not in delta:
-            continue
-        value = delta[name]
-        buf = cs.text.get(name)
-        if value is None:
-            cs.text.setdefault(name, None)
-        elif buf is None:
-            cs.text[name] = bytearray(value.encode("utf-8"))
-        else:
-            buf += value.encode("utf-8")
-        got_token = got_token or bool(value)
+    text = cs.text
     for key, value in delta.items():
-        if key not in _SKIP_DELTA_KEYS:
+        if key in _TEXT_KEYS:
+            buf = text.get(key)
+            if value is None:
+                if key not in text:
+                    text[key] = None
+            elif buf is None:
+                text[key] = bytearray(value.encode("utf-8"))
+                got_token = got_token or bool(value)
+            else:
+                buf += value.encode("utf-8")
+                got_token = got_token or bool(value)
+        elif key == "role":
+            if value is not None and cs.role is None:
+                cs.role = value
+        elif key != "tool_calls":
             _accumulate_value(cs.message_extra, key, value)
 
-    tool_calls = delta.get("tool_calls") or ()
     touched: list[tuple[ToolCallState, str]] = []
-    for call, tool_index in zip(tool_calls, tool_indexes, strict=True):
-        tool = cs.tools.get(tool_index)
-        if tool is None:
-            tool = cs.tools[tool_index] = ToolCallState(tool_index)
-        if call.get("id"):
-            tool.id = _merge_identity(tool.id, call["id"])
-        if call.get("type") is not None:
-            tool.type = call["type"]
-        function = call.get("function") or {}
-        if function.get("name"):
-            tool.name = _merge_identity(tool.name, function["name"])
-        args_delta = function.get("arguments") or ""
-        if args_delta:
-            tool.arguments += args_delta.encode("utf-8")
-            got_token = True
-        for key, value in call.items():
-            if key not in ("index", "id", "type", "function"):
-                _accumulate_value(tool.extra, key, value)
-        for key, value in function.items():
-            if key not in ("name", "arguments"):
-                _accumulate_value(tool.function_extra, key, value)
-        touched.append((tool, args_delta))
+    if tool_indexes:
+        for call, tool_index in zip(delta["tool_calls"], tool_indexes, strict=True):
+            touched.append(_accumulate_tool_call(cs, call, tool_index))
+        got_token = got_token or any(args for _, args in touched)
     if got_token and state.first_token_ms is None:
         state.first_token_ms = ts
 
     logprobs = choice.get("logprobs")
-    _fold_logprobs(cs, logprobs)
+    if logprobs is not None:
+        _fold_logprobs(cs, logprobs)
     finish_reason = choice.get("finish_reason")
     if finish_reason:
         cs.finish_reason = finish_reason
-        if state.status is None and state.spec.parseable and finish_reason in TRUNCATING_FINISH_REASONS:
+        if (
+            state.status is None
+            and not sdk_first
+            and finish_reason in TRUNCATING_FINISH_REASONS
+            and state.spec.parseable
+        ):
             if finish_reason == "length":
                 raise _StreamError("LengthFinishReasonError", "finish_reason length with parseable input")
             raise _StreamError(
                 "ContentFilterFinishReasonError", "finish_reason content_filter with parseable input"
             )
-    if events is None:
-        return
-    if options.partial_parse:
+    if options.partial_parse and not sdk_first and state.status is None:
         _partial_parse(state, cs, delta, touched, options)
+    return _Step(cs, delta, tool_indexes, touched, logprobs)
 
+
+def _accumulate_tool_call(
+    cs: ChoiceState, call: dict[str, Any], tool_index: int
+) -> tuple[ToolCallState, str]:
+    tool = cs.tools.get(tool_index)
+    if tool is None:
+        tool = cs.tools[tool_index] = ToolCallState(tool_index)
+    for key, value in call.items():
+        if key == "function":
+            if not value:
+                continue
+            for fkey, fvalue in value.items():
+                if fkey == "arguments":
+                    if isinstance(fvalue, str):
+                        tool.arguments_seen = True
+                        if fvalue:
+                            tool.arguments += fvalue.encode("utf-8")
+                elif fkey == "name":
+                    if fvalue:
+                        tool.name = _merge_identity(tool.name, fvalue)
+                else:
+                    _accumulate_value(tool.function_extra, fkey, fvalue)
+        elif key == "id":
+            if value:
+                tool.id = _merge_identity(tool.id, value)
+        elif key == "type":
+            if value is not None:
+                tool.type = value
+        elif key != "index":
+            _accumulate_value(tool.extra, key, value)
+    function = call.get("function")
+    return tool, (function.get("arguments") or "") if function else ""
+
+
+def _choice_events(
+    state: CompletionState, step: _Step, options: FoldOptions, events: list[dict[str, Any]], sdk_first: bool
+) -> None:
+    """openai-python's ``_build_events`` for one accumulated choice entry."""
+    cs, delta, tool_indexes, touched, logprobs = step
+    index = cs.index
     content_delta = delta.get("content")
-    if content_delta is not None and cs.has_text("content"):
-        event: dict[str, Any] = _event("content.delta", index, delta=content_delta)
+    if content_delta is not None and cs.text.get("content") is not None:
+        event: dict[str, Any] = {"type": "content.delta", "choice_index": index, "delta": content_delta}
         if options.snapshots:
             event["snapshot"] = cs.text_of("content")
         if options.partial_parse:
             event["parsed"] = cs.parsed_partial
         events.append(event)
     refusal_delta = delta.get("refusal")
-    if refusal_delta is not None and cs.has_text("refusal"):
-        event = _event("refusal.delta", index, delta=refusal_delta)
+    if refusal_delta is not None and cs.text.get("refusal") is not None:
+        event = {"type": "refusal.delta", "choice_index": index, "delta": refusal_delta}
         if options.snapshots:
             event["snapshot"] = cs.text_of("refusal")
         events.append(event)
@@ -383,15 +442,22 @@ def _fold_choice(
             if delta.get(name):
                 events.append(_event("reasoning.delta", index, field=name, delta=delta[name]))
     for tool, args_delta in touched:
-        event = _event("tool_calls.function.arguments.delta", index, name=tool.name, index=tool.index)
+        event = {
+            "type": "tool_calls.function.arguments.delta",
+            "choice_index": index,
+            "name": tool.name,
+            "index": tool.index,
+        }
         if options.snapshots:
             event["arguments"] = tool.arguments_text()
         if options.partial_parse:
             event["parsed_arguments"] = tool.parsed_partial
         event["arguments_delta"] = args_delta
         events.append(event)
-    _logprobs_events(cs, logprobs, options, events)
-    _done_events(state, cs, tool_indexes, options, events)
+    if logprobs is not None:
+        _logprobs_events(cs, logprobs, options, events)
+    if cs.finish_reason or tool_indexes:
+        _done_events(state, cs, tool_indexes, options, events)
 
 
 def _event(event_type: str, choice_index: int, **fields: Any) -> dict[str, Any]:
@@ -489,12 +555,12 @@ def _done_events(
     if cs.finish_reason:
         _text_done_events(state, cs, options, events)
         if cs.current_tool is not None and not cs.tools[cs.current_tool].done:
-            _tool_done_event(state, cs, cs.current_tool, events)
+            _tool_done_event(state, cs, cs.current_tool, options, events)
     for tool_index in tool_indexes:
         if cs.current_tool != tool_index:
             _text_done_events(state, cs, options, events)
             if cs.current_tool is not None:
-                _tool_done_event(state, cs, cs.current_tool, events)
+                _tool_done_event(state, cs, cs.current_tool, options, events)
         cs.current_tool = tool_index
 
 
@@ -511,7 +577,8 @@ def _text_done_events(
     if content and not cs.content_done:
         cs.content_done = True
         parsed = _parse_content(state, cs, content)
-        cs.parsed_partial = parsed
+        if options.partial_parse:
+            cs.parsed_partial = parsed
         events.append(_event("content.done", index, content=content, parsed=parsed))
     if cs.has_text("refusal") and not cs.refusal_done:
         cs.refusal_done = True
@@ -529,14 +596,19 @@ def _text_done_events(
 
 
 def _tool_done_event(
-    state: CompletionState, cs: ChoiceState, tool_index: int, events: list[dict[str, Any]]
+    state: CompletionState,
+    cs: ChoiceState,
+    tool_index: int,
+    options: FoldOptions,
+    events: list[dict[str, Any]],
 ) -> None:
     tool = cs.tools[tool_index]
     if tool.done:
         return
     tool.done = True
     parsed = _parse_tool_arguments(state, tool)
-    tool.parsed_partial = parsed
+    if options.partial_parse:
+        tool.parsed_partial = parsed
     events.append(
         _event(
             "tool_calls.function.arguments.done",
@@ -623,16 +695,20 @@ def _accumulate_value(acc: dict[str, Any], key: str, value: Any) -> None:
 # the end of a completion
 
 
-def build_completion(state: CompletionState, *, parse: str) -> dict[str, Any] | None:
-    """The ``ParsedChatCompletion`` dump of ``state`` (None before the first chunk).
+def build_completion(
+    state: CompletionState, *, parse_unfinished: bool
+) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
+    """The ``ParsedChatCompletion`` dump of ``state`` (None before the first chunk) and the
+    first error ``get_final_completion`` would raise, in one pass over the choices.
 
-    ``parse``: ``"all"`` parses every choice like ``get_final_completion`` (raising
-    ``_StreamError``); ``"finished"`` parses only choices that finished normally and leaves
-    ``parsed`` null where the text is truncated or invalid; ``"none"`` parses nothing.
+    Choices cut by ``length`` / ``content_filter`` are never parsed (their text is truncated),
+    nor, unless ``parse_unfinished``, choices without a finish reason; a choice whose text
+    does not parse or validate gets ``parsed`` null and the error is reported.
     """
     if state.header is None:
-        return None
-    choices = [_choice_dump(state, cs, parse) for _, cs in sorted(state.choices.items())]
+        return None, None
+    errors: list[dict[str, str]] = []
+    choices = [_choice_dump(state, cs, parse_unfinished, errors) for _, cs in sorted(state.choices.items())]
     completion = {
         **state.header,
         "choices": choices,
@@ -642,28 +718,34 @@ def build_completion(state: CompletionState, *, parse: str) -> dict[str, Any] | 
     if state.moderation is not None:
         completion["moderation"] = state.moderation
     result: dict[str, Any] = shape.normalize(completion, shape.COMPLETION)
-    return result
+    return result, errors[0] if errors else None
 
 
-def _choice_dump(state: CompletionState, cs: ChoiceState, parse: str) -> dict[str, Any]:
-    parse_this = parse == "all" or (
-        parse == "finished"
-        and cs.finish_reason is not None
-        and cs.finish_reason not in TRUNCATING_FINISH_REASONS
+def _choice_dump(
+    state: CompletionState, cs: ChoiceState, parse_unfinished: bool, errors: list[dict[str, str]]
+) -> dict[str, Any]:
+    if cs.finish_reason == "length":
+        errors.append(
+            {"type": "LengthFinishReasonError", "message": f"choice {cs.index} hit the length limit"}
+        )
+    elif cs.finish_reason == "content_filter":
+        errors.append(
+            {
+                "type": "ContentFilterFinishReasonError",
+                "message": f"choice {cs.index} was stopped by the content filter",
+            }
+        )
+    parse = cs.finish_reason not in TRUNCATING_FINISH_REASONS and (
+        parse_unfinished or cs.finish_reason is not None
     )
-    lenient = parse != "all"
     message: dict[str, Any] = dict(cs.message_extra)
     message["role"] = cs.role
     for name in cs.text:
         message[name] = cs.text_of(name)
-    if cs.tools:
-        message["tool_calls"] = [
-            _tool_dump(state, t, parse_this, lenient) for _, t in sorted(cs.tools.items())
-        ]
     content = cs.text_of("content") or ""
-    message["parsed"] = _guarded(
-        lambda: _parse_content(state, cs, content), parse_this and bool(content), lenient
-    )
+    message["parsed"] = _guarded(lambda: _parse_content(state, cs, content), parse and bool(content), errors)
+    if cs.tools:
+        message["tool_calls"] = [_tool_dump(state, t, parse, errors) for _, t in sorted(cs.tools.items())]
     logprobs = None
     if cs.logprobs_seen:
         logprobs = {
@@ -680,7 +762,7 @@ def _choice_dump(state: CompletionState, cs: ChoiceState, parse: str) -> dict[st
 
 
 def _tool_dump(
-    state: CompletionState, tool: ToolCallState, parse_this: bool, lenient: bool
+    state: CompletionState, tool: ToolCallState, parse: bool, errors: list[dict[str, str]]
 ) -> dict[str, Any]:
     return {
         **tool.extra,
@@ -689,57 +771,36 @@ def _tool_dump(
             **tool.function_extra,
             "arguments": tool.arguments_text(),
             "name": tool.name,
-            "parsed_arguments": _guarded(lambda: _parse_tool_arguments(state, tool), parse_this, lenient),
+            "parsed_arguments": _guarded(lambda: _parse_tool_arguments(state, tool), parse, errors),
         },
         "type": tool.type or "function",
         "index": tool.index,
     }
 
 
-def _guarded(compute: Any, enabled: bool, lenient: bool) -> Any:
+def _guarded(compute: Callable[[], Any], enabled: bool, errors: list[dict[str, str]]) -> Any:
     if not enabled:
         return None
     try:
         return compute()
-    except _StreamError:
-        if lenient:
-            return None
-        raise
+    except _StreamError as exc:
+        errors.append({"type": exc.error_type, "message": exc.message})
+        return None
 
 
-def final_status(state: CompletionState) -> tuple[str, dict[str, str] | None]:
-    """``get_final_completion``'s verdict: the first truncated choice, else the first parse error."""
-    if state.status is not None:
-        return state.status, state.error
-    for _, cs in sorted(state.choices.items()):
-        if cs.finish_reason == "length":
-            return Status.LENGTH, {
-                "type": "LengthFinishReasonError",
-                "message": f"choice {cs.index} hit the length limit",
-            }
-        if cs.finish_reason == "content_filter":
-            return Status.CONTENT_FILTER, {
-                "type": "ContentFilterFinishReasonError",
-                "message": f"choice {cs.index} was stopped by the content filter",
-            }
-        try:
-            _choice_dump(state, cs, "all")
-        except _StreamError as exc:
-            return Status.FAILED, {"type": exc.error_type, "message": exc.message}
-    if state.header is None:
-        return Status.FAILED, {"type": "EmptyStream", "message": "the stream ended before its first chunk"}
-    return Status.COMPLETED, None
+def _status_of_error(error: dict[str, str] | None) -> str:
+    return Status.COMPLETED if error is None else _status_for(error["type"])
 
 
 def sdk_final(state: CompletionState) -> tuple[str, Any]:
     """What ``ChatCompletionStreamState.get_final_completion()`` gives: ``("completion", dump)``
     or ``("error", exception class name)``."""
-    if state.header is None:
+    completion, error = build_completion(state, parse_unfinished=True)
+    if completion is None:
         return "error", "AssertionError"
-    _, error = final_status(state)
     if error is not None:
         return "error", error["type"]
-    return "completion", build_completion(state, parse="all")
+    return "completion", completion
 
 
 def _close(
@@ -749,14 +810,23 @@ def _close(
     result: FoldResult,
     abort_reason: Any = None,
 ) -> None:
-    error: dict[str, str] | None
+    """Publish the one ``completion-done`` record and leave a tombstone. ``status`` None: the
+    stream ended (``[DONE]`` or an error frame); else ``aborted`` / ``expired``."""
+    error: dict[str, str] | None = state.error
+    if status is None and state.status is not None:
+        status = state.status
     if status is None:
-        status, error = final_status(state)
+        completion, error = build_completion(state, parse_unfinished=True)
+        status = _status_of_error(error)
+        if completion is None:
+            status, error = (
+                Status.FAILED,
+                {"type": "EmptyStream", "message": "the stream ended before its first chunk"},
+            )
     else:
-        error = state.error
+        completion, _ = build_completion(state, parse_unfinished=False)
         if status == Status.ABORTED and abort_reason is not None:
             error = {"type": "Aborted", "message": str(abort_reason)}
-    completion = build_completion(state, parse="finished" if status != Status.COMPLETED else "all")
     result.done = _done_record(state, status, error, completion)
     result.state = ClosedCompletion(
         state.completion_id, status, state.last_offset, state.next_seq, now_ms, state.last_activity_ms

@@ -121,17 +121,28 @@ def read_text(data: bytes, source: str) -> str:
 
 
 def frames_to_keys(frames: Iterable[Frame]) -> Iterator[tuple[str, Frame]]:
-    """Assign each frame its completion key: the envelope key, else the chunk's ``id``; a
-    ``[DONE]`` or a chunk without id belongs to the completion of the previous frame."""
+    """Assign each frame its completion key: the envelope key, else the chunk's ``id``. A
+    ``[DONE]`` or a frame without id (an error frame, Azure's filter frames) belongs to the
+    completion of the previous frame, or of the next one when it comes first."""
     last_key: str | None = None
+    waiting: list[Frame] = []
     for frame in frames:
         key = frame.key
         if key is None and frame.kind is RecordKind.CHUNK:
             chunk_id = frame.payload.get("id")
             key = chunk_id if isinstance(chunk_id, str) and chunk_id else last_key
+        key = key or last_key
         if key is None:
-            key = last_key
-        if key is None:
-            raise InputError(f"line {frame.line}: cannot tell which completion this record belongs to")
+            waiting.append(frame)
+            continue
+        for early in waiting:
+            yield key, early
+        waiting.clear()
         last_key = key
         yield key, frame
+    if waiting:
+        first = waiting[0].line
+        if any(f.kind is RecordKind.CHUNK and not f.payload.get("error") for f in waiting):
+            raise InputError(f"line {first}: cannot tell which completion this record belongs to")
+        for early in waiting:
+            yield "", early

@@ -7,9 +7,8 @@ reason before any state is touched, so a bad record never corrupts a completion.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from worker.core import codec
 
@@ -35,8 +34,7 @@ class InvalidRecord(ValueError):
         self.detail = detail
 
 
-@dataclass(frozen=True, slots=True)
-class InputRecord:
+class InputRecord(NamedTuple):
     """One record of one completion, as the engine sees it.
 
     ``offset`` is the record's position in its input (Kafka offset, or line number in replay);
@@ -83,8 +81,14 @@ def decode_record(
     value = value or b""
     if len(value) > max_bytes:
         raise InvalidRecord("oversized", f"value is {len(value)} bytes, limit {max_bytes}")
-    seq = _decode_seq(header_value(headers, SEQ_HEADER))
-    kind = _decode_kind(header_value(headers, KIND_HEADER), value)
+    raw_seq = raw_kind = None
+    for name, header in headers or ():
+        if name == SEQ_HEADER:
+            raw_seq = header
+        elif name == KIND_HEADER:
+            raw_kind = header
+    seq = None if raw_seq is None else _decode_seq(raw_seq)
+    kind = _decode_kind(raw_kind, value)
     payload: Any = None
     if kind is RecordKind.DONE:
         if value and not _is_done_marker(value):
@@ -150,28 +154,22 @@ def _decode_json(value: bytes) -> Any:
         raise InvalidRecord("invalid_json", str(exc)) from None
 
 
-def _expect(ok: bool, reason: str, detail: str) -> None:
-    if not ok:
-        raise InvalidRecord(reason, detail)
+_STR_OR_NONE = (str, type(None))
+_CHUNK_STR_FIELDS = frozenset(("id", "model", "system_fingerprint"))
+_DELTA_STR_FIELDS = frozenset(("role", "content", "refusal", "reasoning_content", "reasoning"))
+_CALL_STR_FIELDS = frozenset(("id", "type"))
+_FUNCTION_STR_FIELDS = frozenset(("name", "arguments"))
 
 
-def _opt_str(obj: dict[str, Any], field: str, where: str) -> None:
-    value = obj.get(field)
-    _expect(
-        value is None or isinstance(value, str), "wrong_type", f"{where}.{field} must be a string or null"
-    )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _wrong(detail: str) -> InvalidRecord:
+    return InvalidRecord("wrong_type", detail)
 
 
 def _token_list(value: Any, where: str) -> None:
     if value is None:
         return
-    _expect(isinstance(value, list), "wrong_type", f"{where} must be a list or null")
-    for entry in value:
-        _expect(isinstance(entry, dict), "wrong_type", f"{where}[] must be objects")
+    if type(value) is not list or any(type(entry) is not dict for entry in value):
+        raise _wrong(f"{where} must be a list of objects or null")
 
 
 def validate_chunk(chunk: dict[str, Any]) -> None:
@@ -179,66 +177,96 @@ def validate_chunk(chunk: dict[str, Any]) -> None:
 
     Error frames (``{"error": ...}``) and non-chunk frames (``object`` other than
     ``chat.completion.chunk``) are valid records here; the engine decides what they mean.
+    Written for speed: it runs on every chunk, walks each object's keys once, and builds
+    messages only on failure.
     """
     if chunk.get("error"):
         return
     obj = chunk.get("object")
-    _expect(obj is None or isinstance(obj, str), "wrong_type", "object must be a string")
-    if obj is not None and obj != CHUNK_OBJECT:
-        return
-    _opt_str(chunk, "id", "chunk")
-    _opt_str(chunk, "model", "chunk")
-    _opt_str(chunk, "system_fingerprint", "chunk")
-    created = chunk.get("created")
-    _expect(created is None or _is_int(created), "wrong_type", "chunk.created must be an integer")
-    usage = chunk.get("usage")
-    _expect(usage is None or isinstance(usage, dict), "wrong_type", "chunk.usage must be an object or null")
-    choices = chunk.get("choices")
-    _expect(choices is None or isinstance(choices, list), "wrong_type", "chunk.choices must be a list")
+    if obj is not None:
+        if type(obj) is not str:
+            raise _wrong("object must be a string")
+        if obj != CHUNK_OBJECT:
+            return
+    choices = None
+    for key, value in chunk.items():
+        if value is None:
+            continue
+        if key == "choices":
+            if type(value) is not list:
+                raise _wrong("chunk.choices must be a list")
+            choices = value
+        elif key in _CHUNK_STR_FIELDS:
+            if type(value) is not str:
+                raise _wrong(f"chunk.{key} must be a string or null")
+        elif key == "created":
+            if type(value) is not int:
+                raise _wrong("chunk.created must be an integer")
+        elif key == "usage" and type(value) is not dict:
+            raise _wrong("chunk.usage must be an object or null")
     for choice in choices or ():
-        _expect(isinstance(choice, dict), "wrong_type", "chunk.choices[] must be objects")
-        _expect(_is_int(choice.get("index")), "wrong_type", "choice.index must be an integer")
-        _expect(choice["index"] >= 0, "wrong_type", "choice.index must not be negative")
-        _opt_str(choice, "finish_reason", "choice")
-        logprobs = choice.get("logprobs")
-        _expect(
-            logprobs is None or isinstance(logprobs, dict), "wrong_type", "choice.logprobs must be an object"
-        )
-        if logprobs:
-            _token_list(logprobs.get("content"), "logprobs.content")
-            _token_list(logprobs.get("refusal"), "logprobs.refusal")
-        delta = choice.get("delta")
-        _expect(delta is None or isinstance(delta, dict), "wrong_type", "choice.delta must be an object")
-        if delta:
-            _validate_delta(delta)
+        if type(choice) is not dict:
+            raise _wrong("chunk.choices[] must be objects")
+        index = choice.get("index")
+        if type(index) is not int or index < 0:
+            raise _wrong("choice.index must be a non-negative integer")
+        for key, value in choice.items():
+            if value is None:
+                continue
+            if key == "delta":
+                if type(value) is not dict:
+                    raise _wrong("choice.delta must be an object")
+                _validate_delta(value)
+            elif key == "finish_reason":
+                if type(value) is not str:
+                    raise _wrong("choice.finish_reason must be a string or null")
+            elif key == "logprobs":
+                if type(value) is not dict:
+                    raise _wrong("choice.logprobs must be an object or null")
+                _token_list(value.get("content"), "logprobs.content")
+                _token_list(value.get("refusal"), "logprobs.refusal")
 
 
 def _validate_delta(delta: dict[str, Any]) -> None:
-    for field in ("role", "content", "refusal", "reasoning_content", "reasoning"):
-        _opt_str(delta, field, "delta")
-    tool_calls = delta.get("tool_calls")
-    _expect(
-        tool_calls is None or isinstance(tool_calls, list), "wrong_type", "delta.tool_calls must be a list"
-    )
-    for call in tool_calls or ():
-        _expect(isinstance(call, dict), "wrong_type", "delta.tool_calls[] must be objects")
-        index = call.get("index")
-        _expect(
-            index is None or (_is_int(index) and index >= 0),
-            "wrong_type",
-            "tool_call.index must be an integer",
-        )
-        _opt_str(call, "id", "tool_call")
-        _opt_str(call, "type", "tool_call")
-        function = call.get("function")
-        _expect(
-            function is None or isinstance(function, dict),
-            "wrong_type",
-            "tool_call.function must be an object",
-        )
-        if function:
-            _opt_str(function, "name", "tool_call.function")
-            _opt_str(function, "arguments", "tool_call.function")
+    for key, value in delta.items():
+        if value is None:
+            continue
+        if key == "tool_calls":
+            if type(value) is not list:
+                raise _wrong("delta.tool_calls must be a list")
+            for call in value:
+                _validate_tool_call(call)
+        elif key in _DELTA_STR_FIELDS and type(value) is not str:
+            raise _wrong(f"delta.{key} must be a string or null")
+
+
+def _validate_tool_call(call: Any) -> None:
+    if type(call) is not dict:
+        raise _wrong("delta.tool_calls[] must be objects")
+    for key, value in call.items():
+        if value is None:
+            continue
+        if key == "function":
+            if type(value) is not dict:
+                raise _wrong("tool_call.function must be an object")
+            for fkey, fvalue in value.items():
+                if fvalue is not None and fkey in _FUNCTION_STR_FIELDS and type(fvalue) is not str:
+                    raise _wrong(f"tool_call.function.{fkey} must be a string or null")
+        elif key == "index":
+            if type(value) is not int or value < 0:
+                raise _wrong("tool_call.index must be a non-negative integer")
+        elif key in _CALL_STR_FIELDS and type(value) is not str:
+            raise _wrong(f"tool_call.{key} must be a string or null")
+
+
+def _expect(ok: bool, reason: str, detail: str) -> None:
+    if not ok:
+        raise InvalidRecord(reason, detail)
+
+
+def _opt_str(obj: dict[str, Any], field: str, where: str) -> None:
+    if not isinstance(obj.get(field), _STR_OR_NONE):
+        raise _wrong(f"{where}.{field} must be a string or null")
 
 
 def validate_request(request: dict[str, Any]) -> None:

@@ -78,9 +78,11 @@ class ToolCallState:
     function_extra: dict[str, Any] = field(default_factory=dict)
     done: bool = False
     parsed_partial: Any = None
+    arguments_seen: bool = False
 
-    def arguments_text(self) -> str:
-        return self.arguments.decode("utf-8")
+    def arguments_text(self) -> str | None:
+        """The arguments so far; None while the wire has sent no string for them (as the SDK)."""
+        return self.arguments.decode("utf-8") if self.arguments_seen or self.arguments else None
 
 
 @dataclass(slots=True)
@@ -252,6 +254,7 @@ def _choice_to_dict(c: ChoiceState, buffers: BufferCodec, compact: bool) -> dict
                 t.function_extra,
                 t.done,
                 None if compact else t.parsed_partial,
+                t.arguments_seen,
             ]
             for t in c.tools.values()
         ],
@@ -326,10 +329,10 @@ def state_from_dict(
             current_tool=raw["current_tool"],
             parsed_partial=raw["parsed_partial"],
         )
-        for index, id_, type_, name, args, extra, fextra, done, partial in raw["tools"]:
+        for index, id_, type_, name, args, extra, fextra, done, partial, seen in raw["tools"]:
             arguments = buffers.load(f"{i}:a:{index}", args) or bytearray()
             choice.tools[index] = ToolCallState(
-                index, id_, type_, name, arguments, extra, fextra, done, partial
+                index, id_, type_, name, arguments, extra, fextra, done, partial, seen
             )
         choice.logprobs_seen, lp_content, lp_refusal = raw["logprobs"]
         choice.logprobs_content = buffers.load(f"{i}:lc", lp_content)

@@ -24,10 +24,12 @@ def _validator(schema_json: bytes) -> jsonschema.protocols.Validator:
     return cls(schema)
 
 
-def parse_and_validate(text: str, schema_json: bytes | None) -> Any:
+def parse_and_validate(text: str | None, schema_json: bytes | None) -> Any:
     """The JSON value of ``text``; checked against ``schema_json`` (canonical JSON bytes) when given."""
+    if text is None:
+        raise SchemaValidationError("no JSON text")
     try:
-        value = codec.loads(text)
+        value = codec.loads_value(text)
     except codec.DecodeError as exc:
         raise SchemaValidationError(f"invalid JSON: {exc}") from None
     if schema_json is not None:
