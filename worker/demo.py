@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer
 
+from worker import synthetic
 from worker.config import Settings
 from worker.gateway import GatewayRecord, capture_records, load_captures
 from worker.kafka_io import ensure_topics, make_producer
@@ -48,15 +49,13 @@ def start_broker() -> tuple[str, bool]:
 
 def demo_streams() -> list[list[GatewayRecord]]:
     """Recorded API streams (when the shared fixtures are present) plus generated ones."""
-    from worker import synthetic
-
     streams: list[list[GatewayRecord]] = []
     if FIXTURES.is_dir():
         for _, text, request in load_captures([FIXTURES]):
             streams += capture_records(text, request).values()
     for n, kind in enumerate(synthetic.KINDS * 4):
         stream = synthetic.make_stream(kind, 48 + 40 * n, seed=n)
-        streams += capture_records(stream.capture(), stream.request).values()
+        streams += capture_records(synthetic.capture(stream), stream.request).values()
     return streams
 
 
@@ -88,7 +87,6 @@ async def produce_forever(settings: Settings, progress: Progress, stop: asyncio.
     _log(
         f"producing {len(templates)} distinct streams, {CONCURRENT} at a time, ~{1 / CHUNK_GAP_S:.0f} chunks/s each"
     )
-    round_no = 0
 
     async def one(template: list[GatewayRecord], tag: str) -> None:
         completion_id = template[0].key.decode() + tag
@@ -108,16 +106,14 @@ async def produce_forever(settings: Settings, progress: Progress, stop: asyncio.
             await asyncio.sleep(CHUNK_GAP_S)
 
     try:
+        running: set[asyncio.Task[None]] = set()
+        started = 0
         while not stop.is_set():
-            round_no += 1
-            queue = list(templates)
-            running: set[asyncio.Task[None]] = set()
-            while queue and not stop.is_set():
-                while queue and len(running) < CONCURRENT:
-                    running.add(asyncio.create_task(one(queue.pop(), f"-r{round_no}")))
-                _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            if running:
-                await asyncio.wait(running)
+            while len(running) < CONCURRENT:
+                template = templates[started % len(templates)]
+                running.add(asyncio.create_task(one(template, f"-{started // len(templates)}")))
+                started += 1
+            _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
     finally:
         await producer.stop()
 

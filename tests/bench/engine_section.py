@@ -18,7 +18,7 @@ from openai.types.chat import ChatCompletionChunk, ChatCompletionToolUnionParam,
 
 from tests.bench.context import BenchContext, SectionResult, Verdict
 from tests.bench.measure import Timing, best_time, deep_size
-from tests.bench.streams import KINDS, Stream, make_stream
+from tests.bench.streams import KINDS, Stream, make_stream, sdk_inputs
 from worker.core.engine import KAFKA_OPTIONS, FoldOptions, fold
 from worker.core.records import decode_record
 from worker.core.state import AnyState, CompletionState, encode_state
@@ -64,8 +64,9 @@ def fold_completion(stream: Stream, options: FoldOptions = KAFKA_OPTIONS) -> dic
 
 def sdk_stream(stream: Stream) -> ParsedChatCompletion[Any]:
     """openai-python's accumulation of the same chunk bytes."""
-    response_format: Any = stream.sdk_response_format or omit
-    tools = cast("list[ChatCompletionToolUnionParam] | Omit", stream.sdk_tools or omit)
+    sdk_format, sdk_tools = sdk_inputs(stream)
+    response_format: Any = sdk_format or omit
+    tools = cast("list[ChatCompletionToolUnionParam] | Omit", sdk_tools or omit)
     state: ChatCompletionStreamState[Any] = ChatCompletionStreamState(
         response_format=response_format, input_tools=tools
     )

@@ -55,7 +55,10 @@ def test_crlf_sse_capture_replays_like_lf(tmp_path: Path) -> None:
     [
         ("data: {not json\n\n", "line 1: not JSON"),
         ("data: [1, 2]\n\n", "line 1: expected a JSON object, got list"),
-        (jsonl({"id": "x", "choices": [{"index": "0", "delta": {}}]}), "choice.index must be a non-negative integer"),
+        (
+            jsonl({"id": "x", "choices": [{"index": "0", "delta": {}}]}),
+            "choice.index must be a non-negative integer",
+        ),
         (
             jsonl({"id": "x", "choices": [{"index": 0, "delta": {"content": 5}}]}),
             "delta.content must be a string",
