@@ -232,16 +232,25 @@ def wait_group_stable(settings: Settings, members: int, timeout: float = 90.0) -
 
 
 def offline_reference(
-    records: list[GatewayRecord],
+    records: list[GatewayRecord], settings: Settings | None = None
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
     """Events and completion-done per completion from the same engine without Kafka or faults."""
+    events, done, _ = offline_run(records, settings)
+    return events, done
+
+
+def offline_run(
+    records: list[GatewayRecord], settings: Settings | None = None
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """``offline_reference`` plus the dead letters."""
     from worker.app.processor import MemoryStore, Processor
 
-    settings = Settings()
+    settings = settings or Settings()
     processor = Processor(settings, MemoryStore())
     processor.assign([0])
     events: dict[str, list[dict[str, Any]]] = {}
     done: dict[str, dict[str, Any]] = {}
+    deadletters: list[dict[str, Any]] = []
     for offset, r in enumerate(records):
         outputs, _ = processor.process(
             partition=0,
@@ -258,7 +267,9 @@ def offline_reference(
                 events.setdefault(o.key.decode(), []).append(value)
             elif o.topic == settings.done_topic:
                 done[o.key.decode()] = value
-    return events, done
+            else:
+                deadletters.append(value)
+    return events, done, deadletters
 
 
 TIMING_FREE = (

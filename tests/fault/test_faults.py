@@ -188,3 +188,52 @@ def sample_gauges(port: int, producer: BackgroundProducer) -> dict[str, float]:
             peaks[name] = max(peaks[name], current.get(name, 0.0))
         time.sleep(0.5)
     return peaks
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Any]:
+    nodes = kafka_module().Cluster(size=3, run_dir=tmp_path / "cluster")
+    nodes.start()
+    try:
+        yield nodes
+    finally:
+        nodes.close()
+
+
+def leaders(bootstrap: str, topic: str) -> dict[int, int]:
+    """Partition -> leading broker id."""
+    import asyncio
+
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def ask() -> dict[int, int]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            (described,) = await admin.describe_topics([topic])
+            return {int(p["partition"]): int(p["leader"]) for p in described["partitions"]}
+        finally:
+            await admin.close()
+
+    return asyncio.run(ask())
+
+
+def test_failover_of_the_leading_broker(cluster: Any, tmp_path: Path, workers: list[WorkerProcess]) -> None:
+    settings = fresh_settings(cluster.bootstrap, replication_factor=3)
+    records, completions = recorded_records(repeat=8)
+    start_workers(settings, 1, tmp_path, workers)
+    producer = BackgroundProducer(settings, records, rate=1000)
+    producer.start()
+    time.sleep(3)
+    inputs = leaders(cluster.bootstrap, settings.input_topic)
+    states = leaders(cluster.bootstrap, f"{settings.app_id}-state-changelog")
+    both = sorted(set(inputs.values()) & set(states.values()))
+    victim = both[0] if both else inputs[0]
+    led = [f"input p{p}" for p, b in inputs.items() if b == victim]
+    led += [f"state p{p}" for p, b in states.items() if b == victim]
+    faults = [(f"kill -9 broker {victim} (leader of {', '.join(led)})", time.time())]
+    cluster.kill(victim)
+    producer.finish()
+    got = collect(settings, done_count(completions), timeout=240)
+    assert workers[0].alive, workers[0].log_tail()
+    check_and_report("broker failover (3 nodes, RF 3)", got, records, completions, producer, faults)
