@@ -42,7 +42,6 @@ class Settings:
     data_dir: str = ".cache/chunkfold-data"
     snapshots: bool = False
     partial_parse: bool = False
-    processing_guarantee: str = "at_least_once"
     web_port: int = 6066
 
     @classmethod

@@ -81,7 +81,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
         datadir=settings.data_dir,
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
-        processing_guarantee=settings.processing_guarantee,
+        processing_guarantee="at_least_once",
         broker_commit_interval=settings.commit_interval_s,
         table_standby_replicas=0,
         consumer_auto_offset_reset="earliest",

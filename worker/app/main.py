@@ -27,7 +27,6 @@ def register(sub: Any) -> None:
     p.add_argument("--store", help="memory:// (default) or rocksdb://")
     p.add_argument("--data-dir", help="directory for RocksDB table data")
     p.add_argument("--web-port", type=int, help="metrics/health port (6066; 0 disables)")
-    p.add_argument("--processing-guarantee", choices=("at_least_once", "exactly_once"))
     p.add_argument("--snapshots", action="store_true", default=None, help="snapshots on delta events")
     p.add_argument(
         "--partial-parse", action="store_true", default=None, help="partial parses on delta events"
@@ -53,7 +52,6 @@ def run_worker(args: argparse.Namespace) -> int:
         "store",
         "data_dir",
         "web_port",
-        "processing_guarantee",
         "snapshots",
         "partial_parse",
     )
