@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer
 
 from tests.recorded import FIXTURES
 from worker.config import Settings
 from worker.gateway import GatewayRecord, capture_records, interleave, load_captures
+from worker.kafka_io import output_consumer
 from worker.produce import publish
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,15 +140,7 @@ class Collected:
 async def _collect(
     settings: Settings, until: Callable[[Collected], bool], timeout: float, idle: float
 ) -> Collected:
-    consumer = AIOKafkaConsumer(
-        settings.events_topic,
-        settings.done_topic,
-        settings.deadletter_topic,
-        bootstrap_servers=settings.bootstrap_servers,
-        auto_offset_reset="earliest",
-        group_id=None,
-        enable_auto_commit=False,
-    )
+    consumer = output_consumer(settings, from_beginning=True)
     await consumer.start()
     got = Collected()
     deadline = time.monotonic() + timeout

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer
 
 from worker import synthetic
 from worker.config import Settings
 from worker.gateway import GatewayRecord, capture_records, load_captures
-from worker.kafka_io import ensure_topics, make_producer
+from worker.kafka_io import ensure_topics, make_producer, output_consumer
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "openai-recorded"
@@ -130,14 +129,7 @@ def capture_records_with_key(template: list[GatewayRecord], completion_id: str) 
 
 
 async def watch(settings: Settings, progress: Progress, stop: asyncio.Event) -> None:
-    consumer = AIOKafkaConsumer(
-        settings.events_topic,
-        settings.done_topic,
-        settings.deadletter_topic,
-        bootstrap_servers=settings.bootstrap_servers,
-        auto_offset_reset="latest",
-        group_id=None,
-    )
+    consumer = output_consumer(settings, from_beginning=False)
     await consumer.start()
     try:
         while not stop.is_set():

@@ -7,7 +7,7 @@ import contextlib
 import os
 from collections.abc import Iterable
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -45,3 +45,16 @@ async def sleep_until(deadline: float) -> None:
     delay = deadline - asyncio.get_running_loop().time()
     if delay > 0:
         await asyncio.sleep(delay)
+
+
+def output_consumer(settings: Settings, *, from_beginning: bool) -> AIOKafkaConsumer:
+    """A group-less consumer of the three output topics (events, done, dead letters)."""
+    return AIOKafkaConsumer(
+        settings.events_topic,
+        settings.done_topic,
+        settings.deadletter_topic,
+        bootstrap_servers=bootstrap(settings),
+        auto_offset_reset="earliest" if from_beginning else "latest",
+        group_id=None,
+        enable_auto_commit=False,
+    )
