@@ -1,0 +1,141 @@
+"""Write the JSON Schema (draft 2020-12) of every topic record to ``schemas/json/``.
+
+    python -m schemas.generate            # (re)write the files
+    python -m schemas.generate --check    # exit 1 if a committed file is missing or stale
+
+The schemas are generated from the pydantic models (validation mode: what ``parse_*`` accepts),
+so they can never drift from them; the output is deterministic (sorted keys, two-space indent,
+trailing newline) so a regenerated file diffs cleanly. Imports nothing from ``worker``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from schemas.deadletter import DeadLetter
+from schemas.done import DoneRecord
+from schemas.events import CompletionEvent
+from schemas.request import RequestContext
+
+DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
+JSON_DIR = Path(__file__).resolve().parent / "json"
+
+
+@dataclass(frozen=True, slots=True)
+class Contract:
+    """One topic record: its schema file name (without ``.json``), topic and model."""
+
+    name: str
+    topic: str
+    title: str
+    description: str
+    adapter: TypeAdapter[Any]
+
+
+CONTRACTS: tuple[Contract, ...] = (
+    Contract(
+        "request-context",
+        "completion-chunks",
+        "RequestContext",
+        "The optional request context record on completion-chunks (header chunkfold.kind: request): "
+        "the create-params the gateway sent. Key: the completion id.",
+        TypeAdapter(RequestContext),
+    ),
+    Contract(
+        "completion-event",
+        "completion-events",
+        "CompletionEvent",
+        "A completion-events value: one semantic event (openai-python's event types plus chunkfold's "
+        "reasoning events), with completion_id, choice_index and a gap-free per-completion seq. "
+        "Key: the completion id; (completion_id, seq) identifies an event across redeliveries.",
+        TypeAdapter(CompletionEvent),
+    ),
+    Contract(
+        "completion-done",
+        "completion-done",
+        "DoneRecord",
+        "A completion-done value: exactly one per completion, with its status, the final "
+        "ParsedChatCompletion, usage, the request context and timing. Key: the completion id.",
+        TypeAdapter(DoneRecord),
+    ),
+    Contract(
+        "dead-letter",
+        "completion-deadletter",
+        "DeadLetter",
+        "A completion-deadletter value: an input record that could not be folded, kept byte for "
+        "byte (base64) with the reason. Key: the rejected record's key.",
+        TypeAdapter(DeadLetter),
+    ),
+)
+
+
+def schema_of(contract: Contract) -> dict[str, Any]:
+    """The JSON Schema document of one record type."""
+    schema = contract.adapter.json_schema(mode="validation", ref_template="#/$defs/{model}")
+    schema["$schema"] = DRAFT_2020_12
+    schema["title"] = contract.title
+    schema["description"] = contract.description
+    return schema
+
+
+def render(schema: dict[str, Any]) -> str:
+    return json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def generated() -> dict[str, str]:
+    """File name -> file text of every schema file."""
+    return {f"{c.name}.json": render(schema_of(c)) for c in CONTRACTS}
+
+
+def stale(directory: Path = JSON_DIR) -> list[str]:
+    """Files in ``directory`` that are missing, differ from a fresh generation, or are extra."""
+    fresh = generated()
+    problems = []
+    for name, text in fresh.items():
+        path = directory / name
+        if not path.exists():
+            problems.append(f"{name}: missing")
+        elif path.read_text(encoding="utf-8") != text:
+            problems.append(f"{name}: stale")
+    problems += [f"{p.name}: not generated" for p in sorted(directory.glob("*.json")) if p.name not in fresh]
+    return problems
+
+
+def write(directory: Path = JSON_DIR) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in generated().items():
+        path = directory / name
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8")
+            written.append(path)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m schemas.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if a file is missing or stale")
+    parser.add_argument("--out", type=Path, default=JSON_DIR, help=f"directory (default {JSON_DIR})")
+    args = parser.parse_args(argv)
+    if args.check:
+        problems = stale(args.out)
+        for problem in problems:
+            print(f"schemas/json/{problem}", file=sys.stderr)
+        if problems:
+            print("run `python -m schemas.generate` and commit the result", file=sys.stderr)
+        return 1 if problems else 0
+    for path in write(args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
