@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_replay)
 
-    for module in ("worker.app.main", "worker.produce", "worker.tail"):
+    for module in ("worker.app.main", "worker.produce", "worker.tail", "worker.audit_sink"):
         try:
             register: Callable[[Any], None] = importlib.import_module(module).register
         except ImportError:
