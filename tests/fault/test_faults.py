@@ -26,6 +26,7 @@ from tests.harness import (
     recorded_records,
     start_workers,
     wait_for,
+    wait_group_stable,
 )
 from worker.gateway import GatewayRecord
 
@@ -83,15 +84,17 @@ def test_worker_kill_9_and_restart(kafka: str, tmp_path: Path, workers: list[Wor
 
 def test_rebalance_1_to_3_to_1(kafka: str, tmp_path: Path, workers: list[WorkerProcess]) -> None:
     settings = fresh_settings(kafka, partitions=6)
-    records, completions = recorded_records(repeat=12)
+    records, completions = recorded_records(repeat=16)
     start_workers(settings, 1, tmp_path, workers)
-    producer = BackgroundProducer(settings, records, rate=800)
+    producer = BackgroundProducer(settings, records, rate=700)
     producer.start()
     time.sleep(3)
     faults = [("grow group 1 -> 3", time.time())]
     for n in range(2):
         workers.append(WorkerProcess(settings, tmp_path / f"worker-extra-{n}.log").start())
-    time.sleep(8)
+    wait_group_stable(settings, 3, timeout=120)
+    time.sleep(2)
+    assert producer.is_alive(), "the group grew only after every completion was published"
     faults.append(("shrink group 3 -> 1", time.time()))
     for worker in workers[1:]:
         worker.stop()
