@@ -14,13 +14,14 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 
-from tests.bench import engine_section
+from tests.bench import engine_section, kafka_section
 from tests.bench.context import BenchContext, SectionResult
 
 Section = Callable[[BenchContext], SectionResult]
 
 SECTIONS: dict[str, Section] = {
     "engine": engine_section.run,
+    "kafka": kafka_section.run,
 }
 
 
@@ -61,10 +62,13 @@ def _header(ctx: BenchContext, names: Sequence[str]) -> None:
     ctx.out(
         "packages  : "
         + ", ".join(
-            f"{name} {_version(name)}" for name in ("chunkfold", "openai", "pydantic", "orjson", "jiter")
+            f"{name} {_version(name)}"
+            for name in ("chunkfold", "openai", "pydantic", "orjson", "jiter", "faust-streaming", "aiokafka")
         )
     )
     ctx.out(f"sections  : {', '.join(names)}; seed {ctx.seed}")
+    if "engine" not in names:
+        return
     clock = "time.process_time (--clock cpu)" if budget.cpu_clock else "time.perf_counter"
     ctx.out(
         f"timing    : {clock}; best of >= {budget.repeat} runs (>= {budget.min_total:g} s in all), each "

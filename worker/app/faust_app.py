@@ -26,6 +26,7 @@ from worker.config import Settings
 
 log = logging.getLogger("chunkfold.worker")
 STATE_TABLE = "state"
+PRODUCER_BUFFER_MESSAGES = 20_000
 
 
 class _PartitionEvent:
@@ -147,6 +148,12 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
         for handle in processor.apply(batch):
             handle.ack()
 
+    @app.task  # type: ignore[untyped-decorator]
+    async def widen_producer_buffer() -> None:
+        # State writes are sent through Faust's producer buffer; its default of 100 messages
+        # pauses the stream at every write-behind flush of more completions than that.
+        app.producer.buffer.max_messages = PRODUCER_BUFFER_MESSAGES
+
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(_sender: Any, *args: Any, **_: Any) -> None:
         processor.assign(tp.partition for tp in args[0] if tp.topic == settings.input_topic)
@@ -188,6 +195,16 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
         }
         return self.json(body, status=200 if ready else 503)
 
-    del fold, write_behind, on_assigned, on_recovered, on_revoked, metrics_page, liveness, readiness
+    del (
+        fold,
+        write_behind,
+        widen_producer_buffer,
+        on_assigned,
+        on_recovered,
+        on_revoked,
+        metrics_page,
+        liveness,
+        readiness,
+    )
     _ = sinks
     return app, processor

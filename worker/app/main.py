@@ -70,5 +70,8 @@ def run_worker(args: argparse.Namespace) -> int:
     from faust.worker import Worker
 
     worker = Worker(app, loglevel=args.loglevel, quiet=True)
+    # Faust's progress spinner lowers the root logger to DEBUG so that it can spin on every log
+    # call: then every aiokafka/Faust debug call builds a record on the hot path.
+    worker.spinner = None
     worker.execute_from_commandline()
     return 0
