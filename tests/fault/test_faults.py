@@ -32,6 +32,20 @@ from worker.gateway import GatewayRecord
 
 pytestmark = pytest.mark.fault
 REPORT_DIR = ROOT / ".cache" / "reliability"
+METRIC_FAMILIES = (
+    "chunkfold_records_in_total",
+    "chunkfold_chunks_in_total",
+    "chunkfold_events_out_total",
+    "chunkfold_completions_out_total",
+    "chunkfold_deadletters_total",
+    "chunkfold_open_completions",
+    "chunkfold_state_bytes",
+    "chunkfold_consumer_lag",
+    "chunkfold_processing_latency_seconds",
+    "chunkfold_end_to_end_latency_seconds",
+    "chunkfold_time_to_first_token_seconds",
+    "chunkfold_tokens_per_second",
+)
 
 
 def write_report(name: str, **figures: Any) -> None:
@@ -142,6 +156,13 @@ def test_abandoned_streams_expire_and_state_stays_flat(
     producer.start()
     peaks = sample_gauges(port, producer)
     producer.finish()
+    from urllib.request import urlopen
+
+    served = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for family in METRIC_FAMILIES:
+        assert f"# TYPE {family} " in served, family
+    assert 'chunkfold_completions_out_total{status="expired"}' in served
+    assert "chunkfold_processing_latency_seconds_count 0" not in served
     got = collect(settings, done_count(completions), timeout=120)
     done = got.done_by_id()
     assert len(done) == completions

@@ -253,3 +253,33 @@ def test_a_backlog_does_not_expire_completions_whose_records_are_still_coming() 
     wall[0] += 61
     expired = processor.sweep()
     assert [orjson.loads(o.value)["status"] for o in expired] == ["expired"]
+
+
+def test_log_lines_about_a_completion_carry_its_id(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from worker.app.logs import JsonFormatter
+
+    processor = Processor(Settings(), MemoryStore())
+    processor.assign([0])
+    records = next(iter(gateway_records().values()))
+    with caplog.at_level(logging.INFO, logger="chunkfold.worker"):
+        for offset, r in enumerate(records):
+            processor.process(
+                partition=0,
+                offset=offset,
+                key=r.key,
+                value=r.value,
+                headers=r.headers,
+                timestamp_ms=None,
+                handle=None,
+            )
+        processor.process(
+            partition=0, offset=9999, key=b"k", value=b"{oops", headers=[], timestamp_ms=None, handle=None
+        )
+    lines = [orjson.loads(JsonFormatter().format(record)) for record in caplog.records]
+    finished = [line for line in lines if line["msg"] == "completion finished"]
+    assert finished and all(line["completion_id"] and line["status"] for line in finished)
+    dead = [line for line in lines if line["level"] == "warning"]
+    assert dead == [dead[0]] and dead[0]["completion_id"] == "k" and dead[0]["reason"] == "invalid_json"
+    assert dead[0]["offset"] == 9999

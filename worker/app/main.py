@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import logging.config
 import sys
 from typing import Any
 
@@ -32,11 +33,15 @@ def register(sub: Any) -> None:
         "--partial-parse", action="store_true", default=None, help="partial parses on delta events"
     )
     p.add_argument("--loglevel", default="info")
+    p.add_argument(
+        "--log-format", choices=("json", "text"), default="json", help="log lines as JSON (default) or text"
+    )
     p.set_defaults(func=run_worker)
 
 
 def run_worker(args: argparse.Namespace) -> int:
     from worker.app.faust_app import create_app
+    from worker.app.logs import logging_config
     from worker.kafka_io import ensure_topics
 
     names = (
@@ -61,7 +66,8 @@ def run_worker(args: argparse.Namespace) -> int:
             "chunkfold worker: no Kafka: set KAFKA_BOOTSTRAP_SERVERS or --bootstrap-servers", file=sys.stderr
         )
         return 2
-    logging.basicConfig(level=args.loglevel.upper())
+    config = logging_config(args.loglevel, args.log_format)
+    logging.config.dictConfig(config)
     topics = (settings.input_topic, settings.events_topic, settings.done_topic, settings.deadletter_topic)
     asyncio.run(
         ensure_topics(settings.bootstrap_servers, topics, settings.partitions, settings.replication_factor)
@@ -69,7 +75,7 @@ def run_worker(args: argparse.Namespace) -> int:
     app, _ = create_app(settings)
     from faust.worker import Worker
 
-    worker = Worker(app, loglevel=args.loglevel, quiet=True)
+    worker = Worker(app, loglevel=args.loglevel, quiet=True, logging_config=config)
     # Faust's progress spinner lowers the root logger to DEBUG so that it can spin on every log
     # call: then every aiokafka/Faust debug call builds a record on the hot path.
     worker.spinner = None

@@ -10,6 +10,7 @@ repeats outputs (identically, the engine is deterministic) but never loses a rec
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from worker.core.records import InvalidRecord, RecordKind, decode_record
 from worker.core.state import AnyState, ClosedCompletion, CompletionState, StateVersionError
 
 Headers = Sequence[tuple[str, bytes]]
+log = logging.getLogger("chunkfold.worker")
 
 
 class StateStore(Protocol):
@@ -181,6 +183,15 @@ class Processor:
         if result.done is not None:
             status = result.done["status"]
             self.stats.completions_out[status] = self.stats.completions_out.get(status, 0) + 1
+            log.info(
+                "completion finished",
+                extra={
+                    "completion_id": completion_id,
+                    "status": status,
+                    "chunks": result.done["chunk_count"],
+                    "events": result.done["event_count"],
+                },
+            )
             timing = result.done["timing"]
             if timing["time_to_first_token_ms"] is not None:
                 self.stats.metrics.time_to_first_token_s.observe(timing["time_to_first_token_ms"] / 1000)
@@ -200,6 +211,16 @@ class Processor:
         timestamp_ms: int | None,
     ) -> Output:
         self.stats.deadletters[exc.reason] = self.stats.deadletters.get(exc.reason, 0) + 1
+        log.warning(
+            "record dead-lettered: %s",
+            exc.detail or exc.reason,
+            extra={
+                "completion_id": (key or b"").decode("utf-8", "replace"),
+                "reason": exc.reason,
+                "partition": partition,
+                "offset": offset,
+            },
+        )
         dead = outputs.deadletter_value(
             reason=exc.reason,
             detail=exc.detail,
