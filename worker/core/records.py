@@ -53,15 +53,6 @@ def _is_done_marker(value: bytes) -> bool:
     return value.strip() == b"[DONE]"
 
 
-def header_value(headers: Iterable[tuple[str, bytes]] | None, name: str) -> bytes | None:
-    """The last value of header ``name``, or None."""
-    found = None
-    for key, value in headers or ():
-        if key == name:
-            found = value
-    return found
-
-
 def decode_record(
     key: bytes | None,
     value: bytes | None,
