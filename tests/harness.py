@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -223,6 +223,25 @@ def wait_group_stable(settings: Settings, members: int, timeout: float = 90.0) -
     wait_for(stable, timeout, f"consumer group {settings.app_id} stable with {members} members")
 
 
+def feed(
+    processor: Any, records: list[GatewayRecord], start: int = 0, *, timestamps: bool = False
+) -> Iterator[list[Any]]:
+    """Hand ``records`` to a ``Processor`` as partition 0 at offsets ``start``, ``start + 1`` ...
+    (each record's handle is its offset; its timestamp too when ``timestamps``); yields each
+    record's outputs."""
+    for offset, r in enumerate(records, start=start):
+        outputs, _ = processor.process(
+            partition=0,
+            offset=offset,
+            key=r.key,
+            value=r.value,
+            headers=r.headers,
+            timestamp_ms=offset if timestamps else None,
+            handle=offset,
+        )
+        yield outputs
+
+
 def offline_reference(
     records: list[GatewayRecord], settings: Settings | None = None
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
@@ -243,16 +262,7 @@ def offline_run(
     events: dict[str, list[dict[str, Any]]] = {}
     done: dict[str, dict[str, Any]] = {}
     deadletters: list[dict[str, Any]] = []
-    for offset, r in enumerate(records):
-        outputs, _ = processor.process(
-            partition=0,
-            offset=offset,
-            key=r.key,
-            value=r.value,
-            headers=r.headers,
-            timestamp_ms=None,
-            handle=None,
-        )
+    for outputs in feed(processor, records):
         for o in outputs:
             value = orjson.loads(o.value)
             if o.topic == settings.events_topic:

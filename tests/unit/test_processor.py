@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
+from tests.harness import feed
 from tests.recorded import recordings
 from worker.app.processor import MemoryStore, Output, Processor
 from worker.config import Settings
@@ -208,26 +209,17 @@ def test_a_flush_captured_before_a_rebalance_is_dropped() -> None:
     processor = Processor(Settings(partitions=1), store)
     processor.assign([0])
 
-    def feed(start: int, stop: int) -> None:
-        for offset in range(start, stop):
-            r = records[offset]
-            processor.process(
-                partition=0,
-                offset=offset,
-                key=r.key,
-                value=r.value,
-                headers=r.headers,
-                timestamp_ms=offset,
-                handle=offset,
-            )
+    def feed_range(start: int, stop: int) -> None:
+        for _ in feed(processor, records[start:stop], start, timestamps=True):
+            pass
 
-    feed(0, 100)
+    feed_range(0, 100)
     processor.apply(processor.capture())
-    feed(100, 200)
+    feed_range(100, 200)
     stale = processor.capture()
     processor.revoke([0])
     processor.assign([0])
-    feed(100, 300)
+    feed_range(100, 300)
     assert processor.apply(processor.capture())
     assert processor.apply(stale) == []
     for completion_id, tracked in processor.tracked.items():
@@ -264,16 +256,8 @@ def test_log_lines_about_a_completion_carry_its_id(caplog: pytest.LogCaptureFixt
     processor.assign([0])
     records = next(iter(gateway_records().values()))
     with caplog.at_level(logging.INFO, logger="chunkfold.worker"):
-        for offset, r in enumerate(records):
-            processor.process(
-                partition=0,
-                offset=offset,
-                key=r.key,
-                value=r.value,
-                headers=r.headers,
-                timestamp_ms=None,
-                handle=None,
-            )
+        for _ in feed(processor, records):
+            pass
         processor.process(
             partition=0, offset=9999, key=b"k", value=b"{oops", headers=[], timestamp_ms=None, handle=None
         )
