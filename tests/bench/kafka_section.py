@@ -32,7 +32,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tests.bench.context import BenchContext, SectionResult, Verdict
 from tests.bench.kafka_procs import LoadPlan, read_times
-from tests.harness import ROOT, WorkerProcess, fresh_settings, wait_group_stable
+from tests.harness import ROOT, WorkerProcess, feed, fresh_settings, wait_group_stable
 from worker.app.processor import MemoryStore, Processor
 from worker.config import Settings
 from worker.core.persist import completion_of
@@ -137,16 +137,7 @@ def _templates(seed: int) -> list[_Template]:
     templates: list[_Template] = []
     for records in streams:
         first_seq: dict[int, int] = {}
-        for position, r in enumerate(records):
-            outputs, _ = processor.process(
-                partition=0,
-                offset=position,
-                key=r.key,
-                value=r.value,
-                headers=r.headers,
-                timestamp_ms=None,
-                handle=None,
-            )
+        for position, (r, outputs) in enumerate(zip(records, feed(processor, records), strict=True)):
             events = [o for o in outputs if o.topic == settings.events_topic]
             if events and _is_chunk(r):
                 first_seq[position] = int(orjson.loads(events[0].value)["seq"])
