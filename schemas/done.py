@@ -35,7 +35,6 @@ class Timing(BaseModel):
 
 class Anomalies(BaseModel):
     duplicates_dropped: int = Field(description="records whose chunkfold.seq had been seen already")
-    replayed_skipped: int = Field(description="redelivered records at or below the last folded offset")
     seq_gaps: int = Field(description="times chunkfold.seq jumped forward")
     missing_records: int = Field(description="records skipped over by those jumps")
     skipped_frames: int = Field(description="non-chunk frames (object other than chat.completion.chunk)")

@@ -35,6 +35,7 @@ REPORT_DIR = ROOT / ".cache" / "reliability"
 METRIC_FAMILIES = (
     "chunkfold_records_in_total",
     "chunkfold_chunks_in_total",
+    "chunkfold_replayed_skipped_total",
     "chunkfold_events_out_total",
     "chunkfold_completions_out_total",
     "chunkfold_deadletters_total",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.recorded import recordings
@@ -12,7 +13,14 @@ from tests.streams import CID, choice, chunk
 from worker.core import engine
 from worker.core.inputs import frames_to_keys, iter_frames
 from worker.core.records import InputRecord, RecordKind, make_record
-from worker.core.state import STATE_VERSION, AnyState, StateVersionError, decode_state, encode_state
+from worker.core.state import (
+    STATE_VERSION,
+    AnyState,
+    CompletionState,
+    StateVersionError,
+    decode_state,
+    encode_state,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -64,7 +72,6 @@ def test_replayed_records_are_skipped_and_seq_duplicates_counted() -> None:
     assert done["completion"]["choices"][0]["message"]["content"] == "abd"
     assert done["anomalies"] == {
         "duplicates_dropped": 1,
-        "replayed_skipped": 1,
         "seq_gaps": 1,
         "missing_records": 1,
         "skipped_frames": 0,
@@ -76,3 +83,17 @@ def test_unknown_state_version_is_refused() -> None:
     data = encode_state(state).replace(f'"v":{STATE_VERSION}'.encode(), b'"v":99')  # type: ignore[arg-type]
     with pytest.raises(StateVersionError):
         decode_state(data)
+
+
+def test_a_version_1_state_is_still_read() -> None:
+    """v1 counters held two more entries (replayed_skipped, records_after_end); they are dropped."""
+    state = engine.fold(None, CID, InputRecord(RecordKind.CHUNK, chunk(choice(0, content="a")), seq=0)).state
+    assert isinstance(state, CompletionState)
+    state.counters.duplicates_dropped, state.counters.seq_gaps = 2, 3
+    data = orjson.loads(encode_state(state))
+    chunks, duplicates, gaps, missing, frames = data["counters"]
+    v1 = {**data, "v": 1, "counters": [chunks, duplicates, 5, gaps, missing, frames, 0]}
+    restored = decode_state(orjson.dumps(v1))
+    assert isinstance(restored, CompletionState)
+    assert restored.counters == state.counters
+    assert decode_state(encode_state(restored)) == restored

@@ -89,6 +89,7 @@ class FlushBatch:
 class Stats:
     chunks_in: int = 0
     records_in: int = 0
+    replayed_skipped: int = 0
     events_out: int = 0
     completions_out: dict[str, int] = field(default_factory=dict)
     deadletters: dict[str, int] = field(default_factory=dict)
@@ -145,20 +146,58 @@ class Processor:
                 max_bytes=self.settings.max_record_bytes,
             )
             tracked = self._load(completion_id, partition)
-            result = engine.fold(tracked.state if tracked else None, completion_id, record, self.options)
         except InvalidRecord as exc:
             return [self._deadletter(exc, partition, offset, key, value, headers, timestamp_ms)], True
+        expired = self._expire_before(completion_id, tracked, offset, timestamp_ms)
+        try:
+            result = engine.fold(tracked.state if tracked else None, completion_id, record, self.options)
+        except InvalidRecord as exc:
+            return [
+                *expired,
+                self._deadletter(exc, partition, offset, key, value, headers, timestamp_ms),
+            ], True
         if record.kind is RecordKind.CHUNK:
             self.stats.chunks_in += 1
-        if result.skipped == "replayed" or result.state is None:
-            return [], True
+        if result.skipped == "replayed":
+            self.stats.replayed_skipped += 1
+            return expired, True
+        if result.state is None:
+            return expired, True
         if tracked is None:
             tracked = self.tracked[completion_id] = Tracked(result.state, Cursor(), partition)
         tracked.state = result.state
         tracked.partition = partition
         tracked.dirty = True
         tracked.pending.append(handle)
-        return self._outputs(completion_id, result), False
+        return [*expired, *self._outputs(completion_id, result)], False
+
+    def _expire_before(
+        self, completion_id: str, tracked: Tracked | None, offset: int, timestamp_ms: int | None
+    ) -> list[Output]:
+        """Expire an open completion that a new record finds idle past the timeout (by the
+        record's own timestamp), so that whether the record is folded in or dead-lettered as
+        ``after_end`` depends on the input alone, not on when the sweep timer last ran: a
+        redelivery after a crash then repeats the same outputs."""
+        state = tracked.state if tracked is not None else None
+        if (
+            tracked is None
+            or not isinstance(state, CompletionState)
+            or timestamp_ms is None
+            or state.last_activity_ms is None
+            or (state.last_offset is not None and offset <= state.last_offset)
+            or timestamp_ms - state.last_activity_ms < int(self.settings.idle_timeout_s * 1000)
+        ):
+            return []
+        return self._expire(completion_id, tracked, state, timestamp_ms)
+
+    def _expire(
+        self, completion_id: str, tracked: Tracked, state: CompletionState, now_ms: int
+    ) -> list[Output]:
+        result = engine.expire(state, now_ms)
+        assert result.state is not None
+        tracked.state = result.state
+        tracked.dirty = True
+        return self._outputs(completion_id, result)
 
     def _load(self, completion_id: str, partition: int) -> Tracked | None:
         tracked = self.tracked.get(completion_id)
@@ -291,11 +330,7 @@ class Processor:
                     tracked.state.last_activity_ms = now
             if isinstance(tracked.state, CompletionState):
                 if now - since >= idle_ms:
-                    result = engine.expire(tracked.state, now)
-                    assert result.state is not None
-                    tracked.state = result.state
-                    tracked.dirty = True
-                    out += self._outputs(completion_id, result)
+                    out += self._expire(completion_id, tracked, tracked.state, now)
             elif now - since >= tombstone_ms and not tracked.dirty:
                 if tracked.partition in self.assigned:
                     for key, value in delete_writes(completion_id, tracked.cursor):
@@ -353,6 +388,11 @@ class Processor:
             counters={
                 "chunkfold_records_in_total": ("input records read", s.records_in, ""),
                 "chunkfold_chunks_in_total": ("chunk records folded", s.chunks_in, ""),
+                "chunkfold_replayed_skipped_total": (
+                    "redelivered records already folded into the stored state (skipped)",
+                    s.replayed_skipped,
+                    "",
+                ),
                 "chunkfold_events_out_total": ("events published", s.events_out, ""),
                 "chunkfold_completions_out_total": (
                     "completion-done records by status",

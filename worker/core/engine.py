@@ -90,13 +90,13 @@ def fold(
     """
     if state is not None:
         if record.offset is not None and state.last_offset is not None and record.offset <= state.last_offset:
-            if isinstance(state, CompletionState):
-                state.counters.replayed_skipped += 1
             return FoldResult(state, skipped="replayed")
         if record.seq is not None and state.next_seq is not None and record.seq < state.next_seq:
             if isinstance(state, CompletionState):
                 state.counters.duplicates_dropped += 1
                 _touch(state, record)
+                if record.offset is not None:
+                    state.last_offset = record.offset
             return FoldResult(state, skipped="duplicate")
     if isinstance(state, ClosedCompletion):
         raise InvalidRecord(
@@ -873,7 +873,6 @@ def _done_record(
         "event_count": state.event_seq,
         "anomalies": {
             "duplicates_dropped": c.duplicates_dropped,
-            "replayed_skipped": c.replayed_skipped,
             "seq_gaps": c.seq_gaps,
             "missing_records": c.missing_records,
             "skipped_frames": c.skipped_frames,

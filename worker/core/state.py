@@ -12,7 +12,9 @@ from typing import Any, Protocol
 
 from worker.core import codec
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+"""2: the counters no longer hold ``replayed_skipped`` and ``records_after_end`` (a v1 state is
+still read: those two are dropped)."""
 
 TEXT_FIELDS = ("content", "refusal")
 REASONING_FIELDS = ("reasoning_content", "reasoning")
@@ -119,11 +121,9 @@ class ChoiceState:
 class Counters:
     chunks: int = 0
     duplicates_dropped: int = 0
-    replayed_skipped: int = 0
     seq_gaps: int = 0
     missing_records: int = 0
     skipped_frames: int = 0
-    records_after_end: int = 0
 
 
 @dataclass(slots=True)
@@ -284,7 +284,12 @@ def state_from_dict(
 ) -> AnyState:
     """Inverse of ``state_to_dict``; ``request`` supplies the context a compact head left out."""
     version = data.get("v")
-    if version != STATE_VERSION:
+    if version == 1 and "counters" in data:
+        chunks, duplicates, _replayed, gaps, missing, frames, _after_end = data["counters"]
+        data = {**data, "v": STATE_VERSION, "counters": [chunks, duplicates, gaps, missing, frames]}
+    elif version == 1 and data.get("closed"):
+        data = {**data, "v": STATE_VERSION}
+    if data.get("v") != STATE_VERSION:
         raise StateVersionError(f"unsupported state version {version!r}")
     if data.get("closed"):
         return ClosedCompletion(
