@@ -27,6 +27,7 @@ def _env(name: str, default: Any) -> Any:
 class Settings:
     bootstrap_servers: str = field(default_factory=lambda: os.environ.get("KAFKA_BOOTSTRAP_SERVERS", ""))
     app_id: str = "chunkfold"
+    driver: str = "direct"
     input_topic: str = "completion-chunks"
     events_topic: str = "completion-events"
     done_topic: str = "completion-done"

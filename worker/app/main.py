@@ -16,6 +16,11 @@ def register(sub: Any) -> None:
     p = sub.add_parser("worker", help="run a worker of the chunkfold consumer group")
     p.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (default: $KAFKA_BOOTSTRAP_SERVERS)")
     p.add_argument("--app-id", help="consumer group / Faust app id (default chunkfold)")
+    p.add_argument(
+        "--driver",
+        choices=("direct", "faust"),
+        help="direct (default): batches on aiokafka; faust: a Faust agent and table (same topics and state)",
+    )
     p.add_argument("--input-topic")
     p.add_argument("--events-topic")
     p.add_argument("--done-topic")
@@ -47,6 +52,7 @@ def run_worker(args: argparse.Namespace) -> int:
     names = (
         "bootstrap_servers",
         "app_id",
+        "driver",
         "input_topic",
         "events_topic",
         "done_topic",
@@ -66,12 +72,19 @@ def run_worker(args: argparse.Namespace) -> int:
             "chunkfold worker: no Kafka: set KAFKA_BOOTSTRAP_SERVERS or --bootstrap-servers", file=sys.stderr
         )
         return 2
+    if settings.driver not in ("direct", "faust"):
+        print(f"chunkfold worker: unknown driver {settings.driver!r} (direct or faust)", file=sys.stderr)
+        return 2
     config = logging_config(args.loglevel, args.log_format)
     logging.config.dictConfig(config)
     topics = (settings.input_topic, settings.events_topic, settings.done_topic, settings.deadletter_topic)
     asyncio.run(
         ensure_topics(settings.bootstrap_servers, topics, settings.partitions, settings.replication_factor)
     )
+    if settings.driver == "direct":
+        from worker.app import direct
+
+        return direct.run(settings)
     app, _ = create_app(settings)
     from faust.worker import Worker
 
