@@ -10,10 +10,12 @@ This driver keeps Faust's contract and storage format but drives batches itself:
   partition per input partition, raw keys and values, ``None`` deletes), read back into memory
   for every partition this worker is assigned, before any of its records is processed;
 * write-behind checkpoint, every ``commit_interval_s`` and before partitions are given up:
-  sweep idle completions, capture and write changed state to the changelog, wait until every
-  output and state write is acknowledged by the brokers (``acks=all``), then commit the
-  offsets of every record processed so far. Nothing is processed while a checkpoint runs, so a
-  committed offset never passes a record whose outputs or state are not durable.
+  sweep idle completions, write the changed state to the changelog and capture, at that point,
+  the sends made so far and the offsets of every record processed so far. Then, while the next
+  records are processed, wait until every captured send is acknowledged by the brokers
+  (``acks=all``) and only then commit the captured offsets. So a committed offset never passes
+  a record whose outputs or state are not durable, and processing does not stop for the
+  round trips. Commits are strictly sequential; a rebalance or shutdown waits for them.
 
 A delivery failure stops the worker (non-zero exit) without committing: the records are
 redelivered to whoever owns the partitions next, and the replay rules make that idempotent.
@@ -33,8 +35,9 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
-from worker.app.processor import Output, Processor
+from worker.app.processor import Processor
 from worker.config import Settings
 
 log = logging.getLogger("chunkfold.worker")
@@ -42,6 +45,12 @@ BATCH_MAX_RECORDS = 2_000
 POLL_TIMEOUT_MS = 100
 PRODUCER_LINGER_MS = 2
 PRODUCER_REQUEST_TIMEOUT_MS = 120_000
+SUBMIT_EVERY = 200
+"""Records processed between two hand-overs of the built batches to the producer."""
+PARTITION_CACHE_SIZE = 100_000
+PRODUCER_BATCH_BYTES = 512 * 1024
+"""aiokafka keeps one open batch per partition and makes ``send`` wait while it is full, for
+a whole produce round trip; completion-done records and state segments are kilobytes each."""
 
 
 def changelog_topic(settings: Settings) -> str:
@@ -90,6 +99,91 @@ class DeliveryFailed(RuntimeError):
     """An output or state write was not acknowledged by the brokers."""
 
 
+class BatchSender:
+    """Sends records in batches built here: one open batch per topic partition. A record costs
+    an append (no future, no partitioner call); the built batches are handed to the producer by
+    a background task, so processing never waits for a produce round trip, and the batches grow
+    while the brokers are slow. Keys map to partitions as aiokafka's default partitioner
+    (murmur2) maps them, computed once per key. Per partition, batches go out in order."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self.producer = producer
+        self.partition_counts: dict[str, int] = {}
+        self.partition_cache: dict[tuple[int, bytes], int] = {}
+        self.open: dict[tuple[str, int], Any] = {}
+        self.full: list[tuple[tuple[str, int], Any]] = []
+        self.in_flight: list[asyncio.Future[Any]] = []
+        self.submitting = asyncio.Lock()
+        self.wakeup = asyncio.Event()
+        self.error: BaseException | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self, topics: Iterable[str]) -> None:
+        for topic in topics:
+            self.partition_counts[topic] = len(await self.producer.partitions_for(topic))
+        self.task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+    def add(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None:
+        if partition is None:
+            partition = self._partition(topic, key)
+        tp = (topic, partition)
+        batch = self.open.get(tp)
+        if batch is None:
+            batch = self.open[tp] = self.producer.create_batch()
+        if batch.append(timestamp=None, key=key, value=value) is None:
+            self.full.append((tp, batch))
+            batch = self.open[tp] = self.producer.create_batch()
+            if batch.append(timestamp=None, key=key, value=value) is None:
+                raise ValueError(f"a record of {len(value or b'')} bytes does not fit a batch")
+
+    def _partition(self, topic: str, key: bytes) -> int:
+        count = self.partition_counts[topic]
+        cached = self.partition_cache.get((count, key))
+        if cached is None:
+            if len(self.partition_cache) >= PARTITION_CACHE_SIZE:
+                self.partition_cache.clear()
+            cached = self.partition_cache[(count, key)] = (murmur2(key) & 0x7FFFFFFF) % count
+        return cached
+
+    def kick(self) -> None:
+        """Have the background task hand what is built so far to the producer."""
+        if self.open or self.full:
+            self.wakeup.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            try:
+                await self.submit()
+            except (KafkaError, ValueError) as exc:  # reported by the next ``take``
+                self.error = exc
+                return
+
+    async def submit(self) -> None:
+        """Hand every built batch to the producer now (after any hand-over in progress)."""
+        async with self.submitting:
+            batches, self.full = [*self.full, *self.open.items()], []
+            self.open = {}
+            for (topic, partition), batch in batches:
+                self.in_flight.append(await self.producer.send_batch(batch, topic, partition=partition))
+
+    async def take(self) -> list[asyncio.Future[Any]]:
+        """Submit everything built, then return the futures of every batch submitted since the
+        last ``take``. Raises what stopped the background task, if anything did."""
+        if self.error is not None:
+            raise self.error
+        await self.submit()
+        in_flight, self.in_flight = self.in_flight, []
+        return in_flight
+
+
 class DirectWorker:
     """One consumer-group member running ``processor`` over its partitions."""
 
@@ -103,10 +197,11 @@ class DirectWorker:
         self.restoring = False
         self.failure: DeliveryFailed | None = None
         self.next_offsets: dict[int, int] = {}
-        self.in_flight: list[asyncio.Future[Any]] = []
+        self.settling: asyncio.Future[None] | None = None
         self.last_checkpoint = time.monotonic()
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
+        self.sender: BatchSender | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -122,6 +217,7 @@ class DirectWorker:
             acks="all",
             linger_ms=PRODUCER_LINGER_MS,
             request_timeout_ms=PRODUCER_REQUEST_TIMEOUT_MS,
+            max_batch_size=PRODUCER_BATCH_BYTES,
         )
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=s.bootstrap_servers,
@@ -133,6 +229,8 @@ class DirectWorker:
         self.consumer.subscribe([s.input_topic], listener=_Rebalance(self))
         web_runner = await self._start_web() if s.web_port > 0 else None
         await self.producer.start()
+        self.sender = BatchSender(self.producer)
+        await self.sender.start((s.events_topic, s.done_topic, s.deadletter_topic))
         await self.consumer.start()
         log.info("worker started (direct driver), group %s, input %s", s.app_id, s.input_topic)
         try:
@@ -142,6 +240,7 @@ class DirectWorker:
                 with contextlib.suppress(DeliveryFailed, KafkaError):
                     async with self.lock:
                         await self._checkpoint()
+            await self.sender.stop()
             await self.consumer.stop()
             await self.producer.stop()
             if web_runner is not None:
@@ -165,18 +264,20 @@ class DirectWorker:
                     for tp, messages in batch.items():
                         if tp.partition in self.processor.assigned:
                             await self._process(tp.partition, messages)
-                    if time.monotonic() - self.last_checkpoint >= self.settings.commit_interval_s:
-                        await self._checkpoint()
+                    if self._checkpoint_due():
+                        # It settles while the next batches are processed.
+                        self.settling = asyncio.ensure_future(self._settle(await self._capture()))
         finally:
             stop.cancel()
 
     # -- records --------------------------------------------------------------------------
 
     async def _process(self, partition: int, messages: list[Any]) -> None:
+        assert self.sender is not None
         processor = self.processor
         metrics = processor.stats.metrics
-        send = self._send
-        for m in messages:
+        add = self.sender.add
+        for n, m in enumerate(messages, 1):
             started = time.perf_counter()
             outputs, _ = processor.process(
                 partition=partition,
@@ -189,55 +290,86 @@ class DirectWorker:
             )
             metrics.processing_latency_s.observe(time.perf_counter() - started)
             if outputs:
-                await send(outputs)
+                for o in outputs:
+                    add(o.topic, o.key, o.value)
                 if m.timestamp is not None:
                     metrics.end_to_end_latency_s.observe(max(0.0, time.time() - m.timestamp / 1000))
+            if n % SUBMIT_EVERY == 0:
+                self.sender.kick()
+                await asyncio.sleep(0)
+        self.sender.kick()
         self.next_offsets[partition] = messages[-1].offset + 1
 
-    async def _send(self, outputs: list[Output]) -> None:
-        assert self.producer is not None
-        for o in outputs:
-            self.in_flight.append(await self.producer.send(o.topic, o.value, key=o.key))
+    def _checkpoint_due(self) -> bool:
+        """The interval has passed and the previous checkpoint has settled (commits stay in
+        order; while the brokers are slow, checkpoints simply cover more records)."""
+        return time.monotonic() - self.last_checkpoint >= self.settings.commit_interval_s and (
+            self.settling is None or self.settling.done()
+        )
 
     async def _checkpoint(self) -> None:
-        """Make everything processed so far durable, then commit its offsets. Call holding
-        ``lock``. Raises ``DeliveryFailed`` (nothing committed) when a send failed."""
-        assert self.producer is not None and self.consumer is not None
+        """Make everything processed so far durable, then commit its offsets; waits for both.
+        Call holding ``lock``."""
+        await self._settled()
+        self.settling = asyncio.ensure_future(self._settle(await self._capture()))
+        await self._settled()
+
+    async def _capture(self) -> tuple[list[asyncio.Future[Any]], dict[TopicPartition, int]]:
+        """Sweep, write changed state to the changelog, and take the sends and offsets that the
+        next commit depends on. Call holding ``lock``."""
+        assert self.sender is not None
         self.last_checkpoint = time.monotonic()
-        await self._send(self.processor.sweep())
+        for o in self.processor.sweep():
+            self.sender.add(o.topic, o.key, o.value)
         self.processor.apply(self.processor.capture())
         outbox, self.store.outbox = self.store.outbox, []
         for partition, key, value in outbox:
-            self.in_flight.append(
-                await self.producer.send(self.changelog, value, key=key.encode("utf-8"), partition=partition)
-            )
-        in_flight, self.in_flight = self.in_flight, []
-        if in_flight:
-            await self.producer.flush()
-            failed = 0
-            first: BaseException | None = None
-            for future in in_flight:
-                if not future.done():
-                    await asyncio.wait([future])
-                error = future.exception()
-                if error is not None:
-                    failed += 1
-                    first = first or error
-            if first is not None:
-                self.failure = DeliveryFailed(f"{failed} of {len(in_flight)} sends failed: {first!r}")
-                self.stopping.set()
-                raise self.failure
+            self.sender.add(self.changelog, key.encode("utf-8"), value, partition)
+        try:
+            in_flight = await self.sender.take()
+        except (KafkaError, ValueError) as exc:
+            self.failure = DeliveryFailed(f"handing records to the producer failed: {exc!r}")
+            self.stopping.set()
+            raise self.failure from exc
         offsets = {
             TopicPartition(self.settings.input_topic, p): offset
             for p, offset in self.next_offsets.items()
             if p in self.processor.assigned
         }
+        return in_flight, offsets
+
+    async def _settle(self, captured: tuple[list[asyncio.Future[Any]], dict[TopicPartition, int]]) -> None:
+        """Wait until every captured send is acknowledged, then commit the captured offsets.
+        On a failed send: record the failure, stop the worker, commit nothing."""
+        assert self.consumer is not None
+        in_flight, offsets = captured
+        failed = 0
+        first: BaseException | None = None
+        for future in in_flight:
+            if not future.done():
+                await asyncio.wait([future])
+            error = future.exception()
+            if error is not None:
+                failed += 1
+                first = first or error
+        if first is not None:
+            self.failure = DeliveryFailed(f"{failed} of {len(in_flight)} sends failed: {first!r}")
+            self.stopping.set()
+            return
         if not offsets:
             return
         try:
             await self.consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:
             log.warning("offset commit refused (%s); the records will be redelivered", exc)
+
+    async def _settled(self) -> None:
+        """Wait for the commit in progress, if any; raise ``DeliveryFailed`` after a failure."""
+        if self.settling is not None:
+            settling, self.settling = self.settling, None
+            await settling
+        if self.failure is not None:
+            raise self.failure
 
     # -- ownership ------------------------------------------------------------------------
 
