@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,30 @@ def test_rebalance_1_to_3_to_1(kafka: str, tmp_path: Path, workers: list[WorkerP
     got = collect(settings, done_count(completions), timeout=240)
     assert workers[0].alive
     check_and_report("rebalance 1 -> 3 -> 1 workers", got, records, completions, producer, faults)
+
+
+def test_switching_between_the_faust_and_direct_drivers_mid_stream(
+    kafka: str, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    """Both drivers use the same group, committed offsets and state changelog: a deployment can
+    stop one and start the other while completions are open, and they are finished unchanged."""
+    settings = fresh_settings(kafka)
+    records, completions = recorded_records(repeat=4)
+    workers.append(WorkerProcess(replace(settings, driver="faust"), tmp_path / "worker-faust-0.log").start())
+    wait_group_stable(settings, 1)
+    producer = BackgroundProducer(settings, records, rate=600)
+    producer.start()
+    for n, driver in enumerate(("direct", "faust"), 1):
+        time.sleep(3)
+        switched_at = time.time()
+        workers[-1].stop()
+        assert producer.in_flight_at(switched_at) > 0
+        workers.append(
+            WorkerProcess(replace(settings, driver=driver), tmp_path / f"worker-{driver}-{n}.log").start()
+        )
+    producer.finish()
+    got = collect(settings, done_count(completions), timeout=240)
+    assert_matches_reference(got, offline_reference(records))
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from typing import Any
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import IllegalStateError, KafkaError, TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
 from worker.app.processor import Processor
@@ -360,8 +360,8 @@ class DirectWorker:
             return
         try:
             await self.consumer.commit(offsets)
-        except (CommitFailedError, IllegalStateError) as exc:
-            log.warning("offset commit refused (%s); the records will be redelivered", exc)
+        except (KafkaError, IllegalStateError) as exc:
+            log.warning("offset commit failed (%r); the records will be redelivered", exc)
 
     async def _settled(self) -> None:
         """Wait for the commit in progress, if any; raise ``DeliveryFailed`` after a failure."""

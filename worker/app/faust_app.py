@@ -93,6 +93,10 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
         web_in_thread=False,
         producer_acks=-1,
         producer_linger_ms=2,
+        # Acks are held until the write-behind timer has made the state durable; waiting for
+        # them at shutdown or rebalance would stall (the timer is stopped by then). Unacked
+        # records are simply redelivered to the next owner.
+        stream_wait_empty=False,
     )
     raw: dict[str, Any] = {
         "key_type": bytes,
