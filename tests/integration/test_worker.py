@@ -28,10 +28,11 @@ from worker.replay import replay_kafka
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.parametrize("driver", ["direct", "faust"])
 def test_recorded_streams_give_the_golden_completions_and_events(
-    kafka: str, tmp_path: Path, workers: list[WorkerProcess]
+    kafka: str, tmp_path: Path, workers: list[WorkerProcess], driver: str
 ) -> None:
-    settings = fresh_settings(kafka)
+    settings = fresh_settings(kafka, driver=driver)
     start_workers(settings, 1, tmp_path, workers)
     records, completions = recorded_records()
     produce(settings, records)
