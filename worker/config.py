@@ -37,7 +37,6 @@ class Settings:
     idle_timeout_s: float = 600.0
     tombstone_s: float = 600.0
     commit_interval_s: float = 1.0
-    flush_max_chunks: int = 256
     max_record_bytes: int = 1 << 20
     store: str = "memory://"
     data_dir: str = ".cache/chunkfold-data"
