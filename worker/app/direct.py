@@ -266,7 +266,7 @@ class DirectWorker:
                             await self._process(tp.partition, messages)
                     if self._checkpoint_due():
                         # It settles while the next batches are processed.
-                        self.settling = asyncio.ensure_future(self._settle(await self._capture()))
+                        self.settling = asyncio.ensure_future(self._settle(self._capture()))
         finally:
             stop.cancel()
 
@@ -311,12 +311,13 @@ class DirectWorker:
         """Make everything processed so far durable, then commit its offsets; waits for both.
         Call holding ``lock``."""
         await self._settled()
-        self.settling = asyncio.ensure_future(self._settle(await self._capture()))
+        self.settling = asyncio.ensure_future(self._settle(self._capture()))
         await self._settled()
 
-    async def _capture(self) -> tuple[list[asyncio.Future[Any]], dict[TopicPartition, int]]:
-        """Sweep, write changed state to the changelog, and take the sends and offsets that the
-        next commit depends on. Call holding ``lock``."""
+    def _capture(self) -> dict[TopicPartition, int]:
+        """Sweep, queue the changed state for the changelog, and take the offsets the next
+        commit may cover: every record processed so far. Call holding ``lock``; does not wait
+        (the batches are handed to the producer by ``_settle`` or the sender's task)."""
         assert self.sender is not None
         self.last_checkpoint = time.monotonic()
         for o in self.processor.sweep():
@@ -325,24 +326,24 @@ class DirectWorker:
         outbox, self.store.outbox = self.store.outbox, []
         for partition, key, value in outbox:
             self.sender.add(self.changelog, key.encode("utf-8"), value, partition)
+        self.sender.kick()
+        return {
+            TopicPartition(self.settings.input_topic, p): offset
+            for p, offset in self.next_offsets.items()
+            if p in self.processor.assigned
+        }
+
+    async def _settle(self, offsets: dict[TopicPartition, int]) -> None:
+        """Hand every batch built so far to the producer, wait until each is acknowledged, then
+        commit ``offsets`` (taken before, so every record they cover has its outputs and state
+        in those batches). On a failure: record it, stop the worker, commit nothing."""
+        assert self.consumer is not None and self.sender is not None
         try:
             in_flight = await self.sender.take()
         except (KafkaError, ValueError) as exc:
             self.failure = DeliveryFailed(f"handing records to the producer failed: {exc!r}")
             self.stopping.set()
-            raise self.failure from exc
-        offsets = {
-            TopicPartition(self.settings.input_topic, p): offset
-            for p, offset in self.next_offsets.items()
-            if p in self.processor.assigned
-        }
-        return in_flight, offsets
-
-    async def _settle(self, captured: tuple[list[asyncio.Future[Any]], dict[TopicPartition, int]]) -> None:
-        """Wait until every captured send is acknowledged, then commit the captured offsets.
-        On a failed send: record the failure, stop the worker, commit nothing."""
-        assert self.consumer is not None
-        in_flight, offsets = captured
+            return
         failed = 0
         first: BaseException | None = None
         for future in in_flight:
