@@ -110,9 +110,11 @@ def fold(
             )
         state = CompletionState(completion_id)
 
-    result = FoldResult(state)
+    result = FoldResult(state, [])
     if kind is _CHUNK:
-        _fold_chunk(state, payload, ts, options, result)
+        plain = not (options.snapshots or options.partial_parse or options.sdk)
+        if not (plain and _fold_plain_chunk(state, payload, ts, result.events)):
+            _fold_chunk(state, payload, ts, options, result)
     elif kind is _REQUEST:
         if state.request is not None:
             raise InvalidRecord("duplicate_request", "a second request context for one completion")
@@ -184,15 +186,6 @@ def _fold_chunk(
         state.counters.skipped_frames += 1
         return
     choices: list[dict[str, Any]] = chunk.get("choices") or []
-    if (
-        len(choices) == 1
-        and state.header is not None
-        and state.status is None
-        and not (options.snapshots or options.partial_parse or options.sdk)
-        and _fold_plain_choice(state, choices[0], ts, result.events)
-    ):
-        _chunk_tail(state, chunk)
-        return
     tool_indexes = [_resolve_tool_indexes(state, choice) for choice in choices]
 
     _count_chunk(state, ts)
@@ -247,69 +240,72 @@ def _chunk_tail(state: CompletionState, chunk: dict[str, Any]) -> None:
         state.moderation = moderation
 
 
-def _fold_plain_choice(
-    state: CompletionState, choice: dict[str, Any], ts: int | None, events: list[dict[str, Any]]
+def _fold_plain_chunk(
+    state: CompletionState, chunk: dict[str, Any], ts: int | None, events: list[dict[str, Any]]
 ) -> bool:
-    """The fast path for the one-choice chunks that make up most of a stream: a delta of only
-    ``content``, or of only the arguments of the tool call already open, on a choice already
-    seen, without finish reason or logprobs, outside SDK/snapshot mode and before any error.
+    """The fast path for the chunks that make up most of a stream: one choice, already seen,
+    whose delta is only ``content`` or only the arguments of the tool call already open, without
+    finish reason or logprobs, after the first chunk and before any error (the caller checks
+    that no snapshots, partial parses or SDK events are asked for).
 
-    It folds the chunk and numbers its one event exactly as the general path would (no done
-    events and no stream errors are possible for this shape) and returns True; for any other
-    shape it returns False having changed nothing.
+    It folds the chunk and numbers its one event exactly as ``_fold_chunk`` would (this shape
+    has no done events and no stream errors) and returns True; for any other chunk it returns
+    False having changed nothing.
     """
+    choices = chunk.get("choices")
+    if (
+        type(choices) is not list  # unchecked in error and non-chunk frames: no len() before this
+        or len(choices) != 1
+        or state.header is None
+        or state.status is not None
+        or chunk.get("error")
+        or chunk.get("object") not in (None, CHUNK_OBJECT)
+    ):
+        return False
+    choice = choices[0]
     delta = choice.get("delta")
     if not delta or len(delta) != 1 or choice.get("finish_reason") or choice.get("logprobs") is not None:
         return False
     cs = state.choices.get(choice["index"])
     if cs is None or cs.finish_reason:
         return False
-    content = delta.get("content")
-    if type(content) is str:
+    text = delta.get("content")
+    if type(text) is str:
         buf = cs.text.get("content")
         if buf is None:
-            cs.text["content"] = bytearray(content.encode("utf-8"))
+            cs.text["content"] = bytearray(text.encode("utf-8"))
         else:
-            buf += content.encode("utf-8")
-        seq = _plain_chunk_folded(state, ts, content)
-        events.append({"type": "content.delta", "choice_index": cs.index, "delta": content, "seq": seq})
-        return True
-    calls = delta.get("tool_calls")
-    if not calls or len(calls) != 1 or len(calls[0]) != 2:
-        return False
-    call = calls[0]
-    tool = cs.tools.get(call.get("index"))
-    function = call.get("function")
-    if tool is None or tool.index != cs.current_tool or type(function) is not dict or len(function) != 1:
-        return False
-    args = function.get("arguments")
-    if type(args) is not str:
-        return False
-    tool.arguments_seen = True
-    if args:
-        tool.arguments += args.encode("utf-8")
-    seq = _plain_chunk_folded(state, ts, args)
-    events.append(
-        {
+            buf += text.encode("utf-8")
+        event = {"type": "content.delta", "choice_index": cs.index, "delta": text}
+    else:  # the arguments of the open tool call, and nothing else
+        calls = delta.get("tool_calls")
+        if not calls or len(calls) != 1 or len(calls[0]) != 2:
+            return False
+        tool = cs.tools.get(calls[0].get("index"))
+        function = calls[0].get("function")
+        if tool is None or tool.index != cs.current_tool or type(function) is not dict or len(function) != 1:
+            return False
+        text = function.get("arguments")
+        if type(text) is not str:
+            return False
+        tool.arguments_seen = True
+        if text:
+            tool.arguments += text.encode("utf-8")
+        event = {
             "type": "tool_calls.function.arguments.delta",
             "choice_index": cs.index,
             "name": tool.name,
             "index": tool.index,
-            "arguments_delta": args,
-            "seq": seq,
+            "arguments_delta": text,
         }
-    )
-    return True
-
-
-def _plain_chunk_folded(state: CompletionState, ts: int | None, text: str) -> int:
-    """Count a chunk folded by the fast path (``text``: its delta) and take its event's seq."""
     _count_chunk(state, ts)
     if text and state.first_token_ms is None:
         state.first_token_ms = ts
-    seq = state.event_seq
-    state.event_seq = seq + 1
-    return seq
+    event["seq"] = state.event_seq
+    state.event_seq += 1
+    events.append(event)
+    _chunk_tail(state, chunk)
+    return True
 
 
 def _fail(state: CompletionState, result: FoldResult, exc: _StreamError) -> None:
