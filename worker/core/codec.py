@@ -17,7 +17,18 @@ def loads(data: bytes | bytearray | memoryview | str) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise DecodeError(str(exc).splitlines()[0]) from None
+        raise DecodeError(reason(exc)) from None
+
+
+loads_raw = orjson.loads
+"""``loads`` without its wrapper, for the per-record path: raises ``RawDecodeError`` instead,
+whose ``reason(exc)`` is the message of the ``DecodeError`` that ``loads`` raises."""
+RawDecodeError = orjson.JSONDecodeError
+
+
+def reason(exc: ValueError) -> str:
+    """The one-line reason of a parse error."""
+    return str(exc).splitlines()[0]
 
 
 def loads_value(data: bytes | str) -> Any:
