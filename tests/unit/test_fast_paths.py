@@ -228,9 +228,57 @@ TOKEN_ENTRY = st.one_of(
 @given(TOKEN_ENTRY)
 def test_token_fast_path_gives_what_normalize_gives(item: Any) -> None:
     expected = shape.normalize(item, shape.TOKEN_LOGPROB)
-    got = engine._token(item)
+    got = shape.token_logprob(item)
     assert got == expected
     assert orjson.dumps(got) == orjson.dumps(expected)  # same key order too
+
+
+def _plain_normalize(value: Any, node: shape.ShapeNode) -> Any:
+    """``shape.normalize`` as plainly defined: the reference for its fast paths."""
+    if node is None or value is None:
+        return value
+    if isinstance(node, shape.ListOf):
+        return [_plain_normalize(v, node.item) for v in value] if isinstance(value, list) else value
+    if not isinstance(value, dict):
+        return value
+    out = {name: _plain_normalize(value.get(name), sub) for name, sub in node.items()}
+    out.update((k, v) for k, v in value.items() if k not in node)
+    return out
+
+
+COMPLETION = st.fixed_dictionaries(
+    {
+        "id": st.just(CID),
+        "choices": st.lists(
+            _fields(
+                {
+                    "index": st.integers(0, 1),
+                    "logprobs": _often(_fields({"content": _often(st.lists(TOKEN_ENTRY, max_size=3))})),
+                    "message": _often(
+                        _fields({"content": st.just("x"), "tool_calls": _often(st.lists(CALL))})
+                    ),
+                }
+            ),
+            max_size=2,
+        ),
+    },
+    optional={"usage": _often(st.just({"completion_tokens": 1})), "extra": ANY_VALUE},
+)
+
+
+@SETTINGS
+@given(COMPLETION)
+def test_normalize_gives_what_its_plain_definition_gives(completion: dict[str, Any]) -> None:
+    expected = _plain_normalize(completion, shape.COMPLETION)
+    assert orjson.dumps(shape.normalize(completion, shape.COMPLETION)) == orjson.dumps(expected)
+
+
+def test_the_completion_shape_shares_the_token_logprob_shape() -> None:
+    logprobs = shape.CHOICE["logprobs"]
+    assert isinstance(logprobs, dict)
+    for name in ("content", "refusal"):
+        node = logprobs[name]
+        assert isinstance(node, shape.ListOf) and node.item is shape.TOKEN_LOGPROB
 
 
 def test_token_fast_path_is_taken_for_the_wire_shape(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,7 +290,7 @@ def test_token_fast_path_is_taken_for_the_wire_shape(monkeypatch: pytest.MonkeyP
     }
     expected = shape.normalize(item, shape.TOKEN_LOGPROB)
     monkeypatch.setattr(shape, "normalize", None)
-    assert orjson.dumps(engine._token(item)) == orjson.dumps(expected)
+    assert orjson.dumps(shape.token_logprob(item)) == orjson.dumps(expected)
 
 
 # ---------------------------------------------------------------------------------------------

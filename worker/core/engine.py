@@ -618,34 +618,7 @@ def _load_entries(buf: bytearray) -> list[Any]:
 
 
 def _tokens(items: list[Any]) -> list[Any]:
-    return [_token(item) for item in items]
-
-
-def _token(item: Any) -> Any:
-    """``shape.normalize(item, shape.TOKEN_LOGPROB)``, built directly for the wire's usual entry:
-    exactly ``token``/``logprob``/``bytes``/``top_logprobs``, top entries exactly
-    ``token``/``logprob``/``bytes``. Same content, same key order (the model's field order)."""
-    if type(item) is dict and len(item) == 4:
-        try:
-            token, logprob, raw, top = item["token"], item["logprob"], item["bytes"], item["top_logprobs"]
-        except KeyError:
-            return shape.normalize(item, shape.TOKEN_LOGPROB)
-        if top is None:
-            return {"token": token, "bytes": raw, "logprob": logprob, "top_logprobs": None}
-        if type(top) is list:
-            tops = []
-            for entry in top:
-                if type(entry) is not dict or len(entry) != 3:
-                    break
-                try:
-                    tops.append(
-                        {"token": entry["token"], "bytes": entry["bytes"], "logprob": entry["logprob"]}
-                    )
-                except KeyError:
-                    break
-            else:
-                return {"token": token, "bytes": raw, "logprob": logprob, "top_logprobs": tops}
-    return shape.normalize(item, shape.TOKEN_LOGPROB)
+    return [shape.token_logprob(item) for item in items]
 
 
 def _done_events(
