@@ -115,6 +115,10 @@ class BatchSender:
         self.in_flight: list[asyncio.Future[Any]] = []
         self.submitting = asyncio.Lock()
         self.wakeup = asyncio.Event()
+        self.requested = 0
+        """Hand-overs asked for by ``kick``; ``handed`` counts those done."""
+        self.handed = 0
+        self.progress = asyncio.Condition()
         self.error: BaseException | None = None
         self.task: asyncio.Task[None] | None = None
 
@@ -151,19 +155,26 @@ class BatchSender:
             cached = self.partition_cache[(count, key)] = (murmur2(key) & 0x7FFFFFFF) % count
         return cached
 
-    def kick(self) -> None:
-        """Have the background task hand what is built so far to the producer."""
-        if self.open or self.full:
-            self.wakeup.set()
+    def kick(self) -> int:
+        """Have the background task hand what is built so far to the producer; returns a mark
+        for ``take``."""
+        self.requested += 1
+        self.wakeup.set()
+        return self.requested
 
     async def _run(self) -> None:
         while True:
             await self.wakeup.wait()
             self.wakeup.clear()
+            target = self.requested
             try:
                 await self.submit()
-            except (KafkaError, ValueError) as exc:  # reported by the next ``take``
+            except (KafkaError, ValueError) as exc:  # reported by ``take``
                 self.error = exc
+            async with self.progress:
+                self.handed = target
+                self.progress.notify_all()
+            if self.error is not None:
                 return
 
     async def submit(self) -> None:
@@ -174,12 +185,14 @@ class BatchSender:
             for (topic, partition), batch in batches:
                 self.in_flight.append(await self.producer.send_batch(batch, topic, partition=partition))
 
-    async def take(self) -> list[asyncio.Future[Any]]:
-        """Submit everything built, then return the futures of every batch submitted since the
-        last ``take``. Raises what stopped the background task, if anything did."""
+    async def take(self, mark: int) -> list[asyncio.Future[Any]]:
+        """Wait until everything built before ``kick`` returned ``mark`` is handed to the
+        producer, then return the futures of every batch handed over since the last ``take``.
+        Raises what stopped the background task, if anything did."""
+        async with self.progress:
+            await self.progress.wait_for(lambda: self.handed >= mark or self.error is not None)
         if self.error is not None:
             raise self.error
-        await self.submit()
         in_flight, self.in_flight = self.in_flight, []
         return in_flight
 
@@ -314,10 +327,10 @@ class DirectWorker:
         self.settling = asyncio.ensure_future(self._settle(self._capture()))
         await self._settled()
 
-    def _capture(self) -> dict[TopicPartition, int]:
+    def _capture(self) -> tuple[int, dict[TopicPartition, int]]:
         """Sweep, queue the changed state for the changelog, and take the offsets the next
-        commit may cover: every record processed so far. Call holding ``lock``; does not wait
-        (the batches are handed to the producer by ``_settle`` or the sender's task)."""
+        commit may cover: every record processed so far, and the sender's mark for the batches
+        holding their outputs and state. Call holding ``lock``; does not wait."""
         assert self.sender is not None
         self.last_checkpoint = time.monotonic()
         for o in self.processor.sweep():
@@ -326,20 +339,22 @@ class DirectWorker:
         outbox, self.store.outbox = self.store.outbox, []
         for partition, key, value in outbox:
             self.sender.add(self.changelog, key.encode("utf-8"), value, partition)
-        self.sender.kick()
-        return {
+        mark = self.sender.kick()
+        return mark, {
             TopicPartition(self.settings.input_topic, p): offset
             for p, offset in self.next_offsets.items()
             if p in self.processor.assigned
         }
 
-    async def _settle(self, offsets: dict[TopicPartition, int]) -> None:
-        """Hand every batch built so far to the producer, wait until each is acknowledged, then
-        commit ``offsets`` (taken before, so every record they cover has its outputs and state
-        in those batches). On a failure: record it, stop the worker, commit nothing."""
+    async def _settle(self, captured: tuple[int, dict[TopicPartition, int]]) -> None:
+        """Wait until the batches built before the capture are handed to the producer and every
+        batch handed over is acknowledged, then commit the captured offsets (every record they
+        cover has its outputs and state in those batches). On a failure: record it, stop the
+        worker, commit nothing."""
         assert self.consumer is not None and self.sender is not None
+        mark, offsets = captured
         try:
-            in_flight = await self.sender.take()
+            in_flight = await self.sender.take(mark)
         except (KafkaError, ValueError) as exc:
             self.failure = DeliveryFailed(f"handing records to the producer failed: {exc!r}")
             self.stopping.set()
