@@ -23,13 +23,22 @@ def bootstrap(settings: Settings | None = None) -> str:
     return servers
 
 
-async def ensure_topics(servers: str, topics: Iterable[str], partitions: int, replication: int = 1) -> None:
-    """Create ``topics`` with ``partitions`` where missing (existing ones are left alone)."""
+async def ensure_topics(
+    servers: str,
+    topics: Iterable[str],
+    partitions: int,
+    replication: int = 1,
+    configs: dict[str, str] | None = None,
+) -> None:
+    """Create ``topics`` with ``partitions`` (and topic ``configs``) where missing; existing
+    ones are left alone."""
     admin = AIOKafkaAdminClient(bootstrap_servers=servers)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        new = [NewTopic(t, partitions, replication) for t in topics if t not in existing]
+        new = [
+            NewTopic(t, partitions, replication, topic_configs=configs) for t in topics if t not in existing
+        ]
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(new)

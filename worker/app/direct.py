@@ -33,19 +33,20 @@ from typing import Any
 
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import IllegalStateError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.partitioner import murmur2
 
-from worker.app.processor import Processor
+from worker.app.metrics import METRICS_CONTENT_TYPE
+from worker.app.processor import MemoryStore, Processor
 from worker.config import Settings
+from worker.kafka_io import ensure_topics
 
 log = logging.getLogger("chunkfold.worker")
 BATCH_MAX_RECORDS = 2_000
 POLL_TIMEOUT_MS = 100
 PRODUCER_LINGER_MS = 2
 PRODUCER_REQUEST_TIMEOUT_MS = 120_000
-SUBMIT_EVERY = 200
+HAND_OVER_EVERY = 200
 """Records processed between two hand-overs of the built batches to the producer."""
 PARTITION_CACHE_SIZE = 100_000
 PRODUCER_BATCH_BYTES = 512 * 1024
@@ -58,33 +59,35 @@ def changelog_topic(settings: Settings) -> str:
     return f"{settings.app_id}-state-changelog"
 
 
-class ChangelogStore:
-    """``StateStore`` held in memory for the assigned partitions; every write is also queued
-    for the changelog partition of the completion's input partition."""
+class ChangelogStore(MemoryStore):
+    """``MemoryStore`` of the assigned partitions' state; its write ``log`` is the outbox of
+    changelog records still to send (to the partition of the completion's input partition)."""
 
     def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
+        super().__init__()
         self.partition_of: dict[str, int] = {}
-        self.outbox: list[tuple[int, str, bytes | None]] = []
-
-    def get(self, key: str) -> bytes | None:
-        return self.data.get(key)
 
     def write(self, partition: int, key: str, value: bytes | None) -> None:
-        self.load(partition, key, value)
-        self.outbox.append((partition, key, value))
-
-    def items(self) -> Iterable[tuple[str, bytes]]:
-        return list(self.data.items())
+        super().write(partition, key, value)
+        self._place(partition, key, value)
 
     def load(self, partition: int, key: str, value: bytes | None) -> None:
-        """Apply one changelog record (no new write)."""
+        """Apply one changelog record read back (not a new write)."""
         if value is None:
             self.data.pop(key, None)
-            self.partition_of.pop(key, None)
         else:
             self.data[key] = value
+        self._place(partition, key, value)
+
+    def _place(self, partition: int, key: str, value: bytes | None) -> None:
+        if value is None:
+            self.partition_of.pop(key, None)
+        else:
             self.partition_of[key] = partition
+
+    def take_outbox(self) -> list[tuple[int, str, bytes | None]]:
+        outbox, self.log = self.log, []
+        return outbox
 
     def drop(self, partitions: Iterable[int]) -> None:
         """Forget the state and unsent writes of ``partitions`` (given up to another worker)."""
@@ -92,7 +95,7 @@ class ChangelogStore:
         for key in [k for k, p in self.partition_of.items() if p in gone]:
             del self.data[key]
             del self.partition_of[key]
-        self.outbox = [w for w in self.outbox if w[0] not in gone]
+        self.log = [w for w in self.log if w[0] not in gone]
 
 
 class DeliveryFailed(RuntimeError):
@@ -113,7 +116,6 @@ class BatchSender:
         self.open: dict[tuple[str, int], Any] = {}
         self.full: list[tuple[tuple[str, int], Any]] = []
         self.in_flight: list[asyncio.Future[Any]] = []
-        self.submitting = asyncio.Lock()
         self.wakeup = asyncio.Event()
         self.requested = 0
         """Hand-overs asked for by ``kick``; ``handed`` counts those done."""
@@ -168,7 +170,7 @@ class BatchSender:
             self.wakeup.clear()
             target = self.requested
             try:
-                await self.submit()
+                await self._hand_over()
             except (KafkaError, ValueError) as exc:  # reported by ``take``
                 self.error = exc
             async with self.progress:
@@ -177,13 +179,13 @@ class BatchSender:
             if self.error is not None:
                 return
 
-    async def submit(self) -> None:
-        """Hand every built batch to the producer now (after any hand-over in progress)."""
-        async with self.submitting:
-            batches, self.full = [*self.full, *self.open.items()], []
-            self.open = {}
-            for (topic, partition), batch in batches:
-                self.in_flight.append(await self.producer.send_batch(batch, topic, partition=partition))
+    async def _hand_over(self) -> None:
+        """Hand every built batch to the producer (only the background task does, so the
+        batches of one partition go out in the order they were built)."""
+        batches, self.full = [*self.full, *self.open.items()], []
+        self.open = {}
+        for (topic, partition), batch in batches:
+            self.in_flight.append(await self.producer.send_batch(batch, topic, partition=partition))
 
     async def take(self, mark: int) -> list[asyncio.Future[Any]]:
         """Wait until everything built before ``kick`` returned ``mark`` is handed to the
@@ -221,7 +223,13 @@ class DirectWorker:
     async def run(self) -> None:
         """Consume until SIGTERM/SIGINT, then checkpoint and leave the group."""
         s = self.settings
-        await self._ensure_changelog()
+        await ensure_topics(
+            s.bootstrap_servers,
+            [self.changelog],
+            s.partitions,
+            s.replication_factor,
+            configs={"cleanup.policy": "compact"},
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -307,7 +315,7 @@ class DirectWorker:
                     add(o.topic, o.key, o.value)
                 if m.timestamp is not None:
                     metrics.end_to_end_latency_s.observe(max(0.0, time.time() - m.timestamp / 1000))
-            if n % SUBMIT_EVERY == 0:
+            if n % HAND_OVER_EVERY == 0:
                 self.sender.kick()
                 await asyncio.sleep(0)
         self.sender.kick()
@@ -336,8 +344,7 @@ class DirectWorker:
         for o in self.processor.sweep():
             self.sender.add(o.topic, o.key, o.value)
         self.processor.apply(self.processor.capture())
-        outbox, self.store.outbox = self.store.outbox, []
-        for partition, key, value in outbox:
+        for partition, key, value in self.store.take_outbox():
             self.sender.add(self.changelog, key.encode("utf-8"), value, partition)
         mark = self.sender.kick()
         return mark, {
@@ -440,23 +447,6 @@ class DirectWorker:
         finally:
             await reader.stop()
 
-    async def _ensure_changelog(self) -> None:
-        s = self.settings
-        admin = AIOKafkaAdminClient(bootstrap_servers=s.bootstrap_servers)
-        await admin.start()
-        try:
-            if self.changelog not in set(await admin.list_topics()):
-                topic = NewTopic(
-                    self.changelog,
-                    s.partitions,
-                    s.replication_factor,
-                    topic_configs={"cleanup.policy": "compact"},
-                )
-                with contextlib.suppress(TopicAlreadyExistsError):
-                    await admin.create_topics([topic])
-        finally:
-            await admin.close()
-
     # -- web ------------------------------------------------------------------------------
 
     async def _start_web(self) -> web.AppRunner:
@@ -480,19 +470,14 @@ class DirectWorker:
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         body = self.processor.metrics_text(self._highwater)
-        return web.Response(text=body, content_type="text/plain", charset="utf-8")
+        return web.Response(text=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def _healthz(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
 
     async def _readyz(self, _request: web.Request) -> web.Response:
-        ready = bool(self.processor.assigned) and not self.restoring
-        body = {
-            "ready": ready,
-            "partitions": sorted(self.processor.assigned),
-            "open": self.processor.open_completions(),
-        }
-        return web.json_response(body, status=200 if ready else 503)
+        body = self.processor.readiness(recovering=self.restoring)
+        return web.json_response(body, status=200 if body["ready"] else 503)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

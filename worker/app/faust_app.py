@@ -21,6 +21,7 @@ import faust
 from faust.streams import _current_event
 from faust.types import TP
 
+from worker.app.metrics import METRICS_CONTENT_TYPE
 from worker.app.processor import Output, Processor
 from worker.config import Settings
 
@@ -183,7 +184,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
 
     @app.page("/metrics")
     async def metrics_page(self: Any, request: Any) -> Any:
-        return self.text(processor.metrics_text(highwater), content_type="text/plain; version=0.0.4")
+        return self.text(processor.metrics_text(highwater), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     @app.page("/healthz")
     async def liveness(self: Any, request: Any) -> Any:
@@ -191,13 +192,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
 
     @app.page("/readyz")
     async def readiness(self: Any, request: Any) -> Any:
-        ready = bool(processor.assigned) and not app.rebalancing and not app.in_recovery
-        body = {
-            "ready": ready,
-            "partitions": sorted(processor.assigned),
-            "open": processor.open_completions(),
-        }
-        return self.json(body, status=200 if ready else 503)
+        body = processor.readiness(recovering=app.rebalancing or app.in_recovery)
+        return self.json(body, status=200 if body["ready"] else 503)
 
     del (
         fold,

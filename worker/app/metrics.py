@@ -56,6 +56,9 @@ class Metrics:
     tokens_per_second: Histogram = field(default_factory=lambda: Histogram(TPS_BUCKETS))
 
 
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The Prometheus text exposition format."""
+
 Series = tuple[str, float | int | dict[str, int] | dict[str, float], str]
 """``(help, value, label name)``; a dict value is one series per key under that label."""
 

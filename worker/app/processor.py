@@ -453,6 +453,14 @@ class Processor:
     def state_bytes(self) -> int:
         return sum(t.stored_bytes for t in self.tracked.values())
 
+    def readiness(self, recovering: bool) -> dict[str, Any]:
+        """The ``/readyz`` body: ready once partitions are assigned and not being recovered."""
+        return {
+            "ready": bool(self.assigned) and not recovering,
+            "partitions": sorted(self.assigned),
+            "open": self.open_completions(),
+        }
+
     def open_completions(self) -> int:
         return sum(1 for t in self.tracked.values() if isinstance(t.state, CompletionState))
 
