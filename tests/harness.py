@@ -224,11 +224,11 @@ def wait_group_stable(settings: Settings, members: int, timeout: float = 90.0) -
 
 
 def feed(
-    processor: Any, records: list[GatewayRecord], start: int = 0, *, timestamps: bool = False
+    processor: Any, records: list[GatewayRecord], start: int = 0, *, base_ms: int | None = None
 ) -> Iterator[list[Any]]:
     """Hand ``records`` to a ``Processor`` as partition 0 at offsets ``start``, ``start + 1`` ...
-    (each record's handle is its offset; its timestamp too when ``timestamps``); yields each
-    record's outputs."""
+    (each record's handle is its offset; its timestamp ``base_ms`` + offset when ``base_ms`` is
+    given); yields each record's outputs."""
     for offset, r in enumerate(records, start=start):
         outputs, _ = processor.process(
             partition=0,
@@ -236,7 +236,7 @@ def feed(
             key=r.key,
             value=r.value,
             headers=r.headers,
-            timestamp_ms=offset if timestamps else None,
+            timestamp_ms=None if base_ms is None else base_ms + offset,
             handle=offset,
         )
         yield outputs

@@ -42,6 +42,23 @@ def find_bin_dir() -> Path | None:
     return None
 
 
+def run_quiet(
+    cmd: list[str], timeout: float, *, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` without input, its stdout and stderr captured together as text."""
+    return subprocess.run(
+        cmd,
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def install_with_apt(timeout: float = 900.0) -> None:
     """``apt-get update && apt-get install -y postgresql`` (root only)."""
     if os.geteuid() != 0 or not shutil.which("apt-get"):
@@ -51,16 +68,7 @@ def install_with_apt(timeout: float = 900.0) -> None:
         )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "postgresql"]):
-        done = subprocess.run(
-            cmd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        done = run_quiet(cmd, timeout, env=env)
         if done.returncode != 0:
             raise PostgresUnavailable(f"{' '.join(cmd)} failed: {done.stdout[-2000:]}")
 
@@ -86,16 +94,7 @@ class PostgresServer:
         return ["runuser", "-u", "postgres", "--"] if self.as_root else []
 
     def _run(self, *args: str, timeout: float = 120.0) -> str:
-        done = subprocess.run(
-            [*self._prefix(), *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-            check=False,
-            cwd=self.root,
-        )
+        done = run_quiet([*self._prefix(), *args], timeout, cwd=self.root)
         if done.returncode != 0:
             raise RuntimeError(
                 f"{' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{self.log_tail()}"

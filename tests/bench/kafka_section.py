@@ -658,17 +658,22 @@ def latency_run(servers: str, workload: Workload, rate: float, *, worker: bool, 
     asyncio.run(ensure_topics(servers, topics, PARTITIONS))
     processed = math.nan
     inside: tuple[float, float] | None = None
+
+    def measure(pid: int) -> tuple[list[float], list[float], float, float]:
+        """The latency run against the consumer process ``pid``, plus that process's CPU share."""
+        cpu, wall = _cpu_seconds(pid), time.time()
+        sent, arrival, stopped = asyncio.run(
+            _measure_latency(
+                servers, settings.events_topic, workload, rate, settings.input_topic, worker, workdir
+            )
+        )
+        return sent, arrival, stopped, (_cpu_seconds(pid) - cpu) / (time.time() - wall)
+
     if worker:
         with running_worker(settings, workdir / f"worker-latency-{rate:.0f}.log") as process:
             wait_worker_ready(process)
             assert process.proc is not None
-            cpu, wall = _cpu_seconds(process.proc.pid), time.time()
-            sent, arrival, stopped = asyncio.run(
-                _measure_latency(
-                    servers, settings.events_topic, workload, rate, settings.input_topic, True, workdir
-                )
-            )
-            cpu_share = (_cpu_seconds(process.proc.pid) - cpu) / (time.time() - wall)
+            sent, arrival, stopped, cpu_share = measure(process.proc.pid)
             metrics = scrape(settings.web_port)
             processed = _total(metrics, "chunkfold_chunks_in_total") / (time.time() - min(sent))
             inside = _histogram_quantiles(metrics, "chunkfold_end_to_end_latency_seconds")
@@ -684,13 +689,7 @@ def latency_run(servers: str, workload: Workload, rate: float, *, worker: bool, 
         try:
             pipe.wait_ready()
             assert pipe.proc is not None
-            cpu, wall = _cpu_seconds(pipe.proc.pid), time.time()
-            sent, arrival, stopped = asyncio.run(
-                _measure_latency(
-                    servers, settings.events_topic, workload, rate, settings.input_topic, False, workdir
-                )
-            )
-            cpu_share = (_cpu_seconds(pipe.proc.pid) - cpu) / (time.time() - wall)
+            sent, arrival, stopped, cpu_share = measure(pipe.proc.pid)
         finally:
             pipe.stop()
     expected = workload.first_event if worker else workload.by_position

@@ -39,6 +39,7 @@ from referencing.jsonschema import DRAFT7
 from schemas import generate
 from schemas.done import parse_done
 from schemas.events import parse_event
+from tests.harness import feed
 from tests.recorded import recordings
 from tests.unit.npm_tools import node_dir, package_version, run_node
 from worker.app.processor import MemoryStore, Processor
@@ -175,37 +176,24 @@ def test_worker_outputs_match_the_schemas() -> None:
     validators = validators_by_topic(settings)
     processor = Processor(settings, MemoryStore())
     processor.assign([0])
-    offset = 0
     now_ms = 1_700_000_000_000
-    outputs: list[tuple[str, bytes, bytes]] = []
-
-    def feed(records: list[GatewayRecord]) -> None:
-        nonlocal offset
-        for record in records:
-            out, _ = processor.process(
-                partition=0,
-                offset=offset,
-                key=record.key,
-                value=record.value,
-                headers=record.headers,
-                timestamp_ms=now_ms + offset,
-                handle=offset,
-            )
-            outputs.extend((o.topic, o.key, o.value) for o in out)
-            offset += 1
-
     recorded = recordings()
+    records: list[GatewayRecord] = []
     for rec in recorded:
-        for records in capture_records(rec.sse.read_text(), rec.request).values():
-            feed(records)
+        for stream in capture_records(rec.sse.read_text(), rec.request).values():
+            records += stream
     first = next(
         iter(capture_records(recorded[0].sse.read_text(), recorded[0].request, key_suffix="-cut").values())
     )
-    feed([*first[:3], GatewayRecord(first[0].key, b'{"reason": "client gone"}', [(KIND_HEADER, b"abort")])])
+    records += [
+        *first[:3],
+        GatewayRecord(first[0].key, b'{"reason": "client gone"}', [(KIND_HEADER, b"abort")]),
+    ]
     second = next(iter(capture_records(recorded[1].sse.read_text(), None, key_suffix="-idle").values()))
-    feed(second[:3])
+    records += second[:3]
     bad = _bad_records(b"bad-key")
-    feed(bad)
+    records += bad
+    outputs = [(o.topic, o.key, o.value) for out in feed(processor, records, base_ms=now_ms) for o in out]
     outputs += [(o.topic, o.key, o.value) for o in processor.sweep(now_ms=int(time.time() * 1000) + 10**9)]
 
     failures = []

@@ -229,7 +229,7 @@ def test_a_flush_captured_before_a_rebalance_is_dropped() -> None:
     processor.assign([0])
 
     def feed_range(start: int, stop: int) -> None:
-        for _ in feed(processor, records[start:stop], start, timestamps=True):
+        for _ in feed(processor, records[start:stop], start, base_ms=0):
             pass
 
     feed_range(0, 100)
