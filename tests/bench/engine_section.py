@@ -19,6 +19,7 @@ from openai.types.chat import ChatCompletionChunk, ChatCompletionToolUnionParam,
 from tests.bench.context import BenchContext, SectionResult, Verdict
 from tests.bench.measure import Timing, best_time, deep_size
 from tests.bench.streams import KINDS, Stream, make_stream, sdk_inputs
+from worker.core import codec
 from worker.core.engine import KAFKA_OPTIONS, FoldOptions, fold
 from worker.core.records import decode_record
 from worker.core.state import AnyState, CompletionState, encode_state
@@ -49,8 +50,9 @@ def fold_stream(
     return state
 
 
-def fold_completion(stream: Stream, options: FoldOptions = KAFKA_OPTIONS) -> dict[str, Any] | None:
-    """The final completion in chunkfold's ``done`` record for ``stream``."""
+def fold_completion(stream: Stream, options: FoldOptions = KAFKA_OPTIONS) -> Any:
+    """The final completion in chunkfold's ``done`` record for ``stream`` (as a value for
+    ``codec.dumps``: logprob lists are embedded JSON)."""
     state = fold_stream(stream, options, upto=-1)
     last = stream.records[-1]
     completion_id, record = decode_record(
@@ -58,8 +60,7 @@ def fold_completion(stream: Stream, options: FoldOptions = KAFKA_OPTIONS) -> dic
     )
     done = fold(state, completion_id, record, options).done
     assert done is not None
-    completion: dict[str, Any] | None = done["completion"]
-    return completion
+    return done["completion"]
 
 
 def sdk_stream(stream: Stream) -> ParsedChatCompletion[Any]:
@@ -131,7 +132,7 @@ def _check(ctx: BenchContext, streams: dict[tuple[str, int], Stream]) -> list[st
     mismatched: list[str] = []
     for kind in KINDS:
         stream = streams[(kind, CHECK_N)]
-        ours = fold_completion(stream)
+        ours = orjson.loads(codec.dumps(fold_completion(stream)))
         theirs = sdk_stream(stream).model_dump(mode="json", warnings=False)
         if ours != theirs:
             mismatched.append(kind)

@@ -10,7 +10,7 @@ import pytest
 
 from tests.recorded import recordings
 from tests.streams import CID, choice, chunk
-from worker.core import engine
+from worker.core import codec, engine
 from worker.core.inputs import frames_to_keys, iter_frames
 from worker.core.records import InputRecord, RecordKind, make_record
 from worker.core.state import (
@@ -39,8 +39,9 @@ def run(key: str, records: list[InputRecord], roundtrip_every: int) -> list[Any]
     for i, record in enumerate(records):
         result = engine.fold(state, key, record)
         state = result.state
-        outputs.extend(result.events)
-        outputs.append(result.done)
+        # as published: through codec.dumps (logprob lists are embedded JSON)
+        outputs.extend(orjson.loads(codec.dumps(event)) for event in result.events)
+        outputs.append(orjson.loads(codec.dumps(result.done)))
         if roundtrip_every and state is not None and i % roundtrip_every == 0:
             state = decode_state(encode_state(state))
     return outputs
@@ -92,8 +93,69 @@ def test_a_version_1_state_is_still_read() -> None:
     state.counters.duplicates_dropped, state.counters.seq_gaps = 2, 3
     data = orjson.loads(encode_state(state))
     chunks, duplicates, gaps, missing, frames = data["counters"]
-    v1 = {**data, "v": 1, "counters": [chunks, duplicates, 5, gaps, missing, frames, 0]}
+    choices = [{**c, "logprobs": c["logprobs"][:3]} for c in data["choices"]]
+    v1 = {**data, "v": 1, "counters": [chunks, duplicates, 5, gaps, missing, frames, 0], "choices": choices}
     restored = decode_state(orjson.dumps(v1))
     assert isinstance(restored, CompletionState)
     assert restored.counters == state.counters
     assert decode_state(encode_state(restored)) == restored
+
+
+def _wire_entry(token: str, logprob: float) -> dict[str, Any]:
+    """A logprob entry in the wire's key order (the models order ``bytes`` before ``logprob``)."""
+    top = [{"token": token, "logprob": logprob, "bytes": list(token.encode())}]
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": top}
+
+
+def test_a_version_2_state_with_wire_logprob_entries_gives_the_same_bytes() -> None:
+    """v2 kept logprob entries as the wire sent them; v3 keeps them normalized. A v2 state
+    restored mid-stream must finish with byte-identical events and done record (a completion
+    repeated across an upgrade stays de-duplicable)."""
+    entries = [_wire_entry(t, -0.5 * i) for i, t in enumerate(["Hel", "lo", "!"])]
+    records = [
+        InputRecord(
+            RecordKind.CHUNK,
+            chunk(
+                choice(0, role="assistant", content="Hel", logprobs={"content": entries[:1], "refusal": None})
+            ),
+            offset=0,
+        ),
+        InputRecord(
+            RecordKind.CHUNK, chunk(choice(0, content="lo", logprobs={"content": entries[1:2]})), offset=1
+        ),
+        InputRecord(
+            RecordKind.CHUNK,
+            chunk(choice(0, content="!", finish_reason="stop", logprobs={"content": entries[2:]})),
+            offset=2,
+        ),
+        InputRecord(RecordKind.DONE, offset=3),
+    ]
+
+    def published(state: AnyState | None, rest: list[InputRecord]) -> list[bytes]:
+        out: list[bytes] = []
+        for record in rest:
+            result = engine.fold(state, CID, record)
+            state = result.state
+            out += [codec.dumps(event) for event in result.events]
+            if result.done is not None:
+                out.append(codec.dumps(result.done))
+        return out
+
+    first = engine.fold(None, CID, records[0])
+    state = engine.fold(first.state, CID, records[1]).state
+    data = orjson.loads(encode_state(state))  # type: ignore[arg-type]
+    (lp,) = [c["logprobs"] for c in data["choices"]]
+    assert lp[3] is False
+    wire = b",".join(orjson.dumps(e) for e in entries[:2]).decode()
+    v2 = {**data, "v": 2, "choices": [{**data["choices"][0], "logprobs": [True, wire, None]}]}
+    restored = decode_state(orjson.dumps(v2))
+    assert isinstance(restored, CompletionState) and restored.choices[0].logprobs_wire
+    from_v2 = published(restored, records[2:])
+    assert from_v2 == published(state, records[2:])
+    done = orjson.loads(from_v2[-1])
+    assert list(done["completion"]["choices"][0]["logprobs"]["content"][0]) == [
+        "token",
+        "bytes",
+        "logprob",
+        "top_logprobs",
+    ]

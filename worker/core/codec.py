@@ -45,6 +45,12 @@ def dumps(value: Any) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
 
 
+def embedded(data: bytes) -> Any:
+    """A value that ``dumps`` writes as the JSON bytes ``data`` are, without parsing them: for
+    output that is already JSON (the caller guarantees it is one valid JSON value)."""
+    return orjson.Fragment(data)
+
+
 def loads_partial(data: bytes | bytearray) -> Any:
     """Parse a JSON prefix the way openai-python does on deltas (jiter ``partial_mode=True``).
 

@@ -64,7 +64,9 @@ SDK_OPTIONS = FoldOptions(snapshots=True, partial_parse=True, sdk=True)
 class FoldResult:
     """``state`` replaces the stored state (``None``: delete it). ``stream_error`` names the SDK
     exception the SDK would have raised on this record. ``skipped`` says why a record was not
-    applied (``replayed``: at or below the stored offset; ``duplicate``: a seq already seen)."""
+    applied (``replayed``: at or below the stored offset; ``duplicate``: a seq already seen).
+    ``events`` and ``done`` are values for ``codec.dumps``: outside ``sdk`` mode, logprob lists
+    in them (done events, snapshots, the final completion) are embedded JSON (``codec.embedded``)."""
 
     state: AnyState | None
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -392,7 +394,14 @@ class _Step(NamedTuple):
     delta: dict[str, Any]
     tool_indexes: list[int]
     touched: list[tuple[ToolCallState, str]]
-    logprobs: dict[str, Any] | None
+    logprobs: _LogprobsDelta | None
+
+
+class _LogprobsDelta(NamedTuple):
+    """A chunk's logprob entries, normalized (as openai-python's ``model_dump`` has them)."""
+
+    content: list[Any] | None
+    refusal: list[Any] | None
 
 
 def _accumulate_choice(
@@ -440,9 +449,8 @@ def _accumulate_choice(
     if got_token and state.first_token_ms is None:
         state.first_token_ms = ts
 
-    logprobs = choice.get("logprobs")
-    if logprobs is not None:
-        _fold_logprobs(cs, logprobs)
+    wire_logprobs = choice.get("logprobs")
+    logprobs = None if wire_logprobs is None else _fold_logprobs(cs, wire_logprobs)
     finish_reason = choice.get("finish_reason")
     if finish_reason:
         cs.finish_reason = finish_reason
@@ -569,33 +577,36 @@ def _partial_parse(
                     raise _StreamError("ValueError", str(exc)) from None
 
 
-def _fold_logprobs(cs: ChoiceState, logprobs: dict[str, Any] | None) -> None:
-    if logprobs is None:
-        return
+def _fold_logprobs(cs: ChoiceState, logprobs: dict[str, Any]) -> _LogprobsDelta:
+    """Append the chunk's entries, normalized once, to the choice's buffers (which therefore
+    hold exactly what the done event and the final completion carry)."""
     content, refusal = logprobs.get("content"), logprobs.get("refusal")
+    step = _LogprobsDelta(
+        None if content is None else _tokens(content), None if refusal is None else _tokens(refusal)
+    )
     if not cs.logprobs_seen:
         cs.logprobs_seen = True
-        cs.logprobs_content = None if content is None else _entries(content)
-        cs.logprobs_refusal = None if refusal is None else _entries(refusal)
-        return
-    if content:
-        cs.logprobs_content = _append_entries(cs.logprobs_content, content)
-    if refusal:
-        cs.logprobs_refusal = _append_entries(cs.logprobs_refusal, refusal)
+        cs.logprobs_content = None if step.content is None else _entries(step.content)
+        cs.logprobs_refusal = None if step.refusal is None else _entries(step.refusal)
+    else:
+        if step.content:
+            cs.logprobs_content = _append_entries(cs.logprobs_content, step.content)
+        if step.refusal:
+            cs.logprobs_refusal = _append_entries(cs.logprobs_refusal, step.refusal)
+    return step
 
 
 def _logprobs_events(
-    cs: ChoiceState, logprobs: dict[str, Any] | None, options: FoldOptions, events: list[dict[str, Any]]
+    cs: ChoiceState, logprobs: _LogprobsDelta, options: FoldOptions, events: list[dict[str, Any]]
 ) -> None:
-    if logprobs is None:
-        return
-    for kind in ("content", "refusal"):
-        delta = logprobs.get(kind)
-        buf = cs.logprobs_content if kind == "content" else cs.logprobs_refusal
+    for kind, delta, buf in (
+        ("content", logprobs.content, cs.logprobs_content),
+        ("refusal", logprobs.refusal, cs.logprobs_refusal),
+    ):
         if delta and buf:
-            event = _event(f"logprobs.{kind}.delta", cs.index, **{kind: _tokens(delta)})
+            event = _event(f"logprobs.{kind}.delta", cs.index, **{kind: delta})
             if options.snapshots:
-                event["snapshot"] = _tokens(_load_entries(buf))
+                event["snapshot"] = _logprobs_value(cs, buf, embed=not options.sdk)
             events.append(event)
 
 
@@ -612,9 +623,15 @@ def _append_entries(buf: bytearray | None, items: list[Any]) -> bytearray:
     return buf
 
 
-def _load_entries(buf: bytearray) -> list[Any]:
-    result: list[Any] = codec.loads(b"[" + buf + b"]")
-    return result
+def _logprobs_value(cs: ChoiceState, buf: bytearray, *, embed: bool) -> Any:
+    """The entries in ``buf`` as an output value: with ``embed``, the buffer's JSON as it is
+    (``codec.embedded``: no parse, no objects; O(bytes) at the end of a stream instead of a
+    parse and a normalizing copy of every entry), else a list."""
+    if cs.logprobs_wire:
+        return _tokens(codec.loads(b"[" + buf + b"]"))
+    if embed:
+        return codec.embedded(b"[" + buf + b"]")
+    return codec.loads(b"[" + buf + b"]")
 
 
 def _tokens(items: list[Any]) -> list[Any]:
@@ -661,16 +678,15 @@ def _text_done_events(
     if cs.has_text("refusal") and not cs.refusal_done:
         cs.refusal_done = True
         events.append(_event("refusal.done", index, refusal=cs.text_of("refusal")))
+    embed = not options.sdk
     if cs.logprobs_seen and cs.logprobs_content is not None and not cs.logprobs_content_done:
         cs.logprobs_content_done = True
-        events.append(
-            _event("logprobs.content.done", index, content=_tokens(_load_entries(cs.logprobs_content)))
-        )
+        content = _logprobs_value(cs, cs.logprobs_content, embed=embed)
+        events.append(_event("logprobs.content.done", index, content=content))
     if cs.logprobs_seen and cs.logprobs_refusal is not None and not cs.logprobs_refusal_done:
         cs.logprobs_refusal_done = True
-        events.append(
-            _event("logprobs.refusal.done", index, refusal=_tokens(_load_entries(cs.logprobs_refusal)))
-        )
+        refusal = _logprobs_value(cs, cs.logprobs_refusal, embed=embed)
+        events.append(_event("logprobs.refusal.done", index, refusal=refusal))
 
 
 def _tool_done_event(
@@ -774,10 +790,11 @@ def _accumulate_value(acc: dict[str, Any], key: str, value: Any) -> None:
 
 
 def build_completion(
-    state: CompletionState, *, parse_unfinished: bool
+    state: CompletionState, *, parse_unfinished: bool, embed: bool = False
 ) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
     """The ``ParsedChatCompletion`` dump of ``state`` (None before the first chunk) and the
     first error ``get_final_completion`` would raise, in one pass over the choices.
+    ``embed``: logprob lists are embedded JSON (``codec.embedded``), for output through ``codec.dumps``.
 
     Choices cut by ``length`` / ``content_filter`` are never parsed (their text is truncated),
     nor, unless ``parse_unfinished``, choices without a finish reason; a choice whose text
@@ -786,7 +803,9 @@ def build_completion(
     if state.header is None:
         return None, None
     errors: list[dict[str, str]] = []
-    choices = [_choice_dump(state, cs, parse_unfinished, errors) for _, cs in sorted(state.choices.items())]
+    choices = [
+        _choice_dump(state, cs, parse_unfinished, embed, errors) for _, cs in sorted(state.choices.items())
+    ]
     completion = {
         **state.header,
         "choices": choices,
@@ -800,7 +819,11 @@ def build_completion(
 
 
 def _choice_dump(
-    state: CompletionState, cs: ChoiceState, parse_unfinished: bool, errors: list[dict[str, str]]
+    state: CompletionState,
+    cs: ChoiceState,
+    parse_unfinished: bool,
+    embed: bool,
+    errors: list[dict[str, str]],
 ) -> dict[str, Any]:
     if cs.finish_reason == "length":
         errors.append(
@@ -827,8 +850,12 @@ def _choice_dump(
     logprobs = None
     if cs.logprobs_seen:
         logprobs = {
-            "content": None if cs.logprobs_content is None else _load_entries(cs.logprobs_content),
-            "refusal": None if cs.logprobs_refusal is None else _load_entries(cs.logprobs_refusal),
+            "content": None
+            if cs.logprobs_content is None
+            else _logprobs_value(cs, cs.logprobs_content, embed=embed),
+            "refusal": None
+            if cs.logprobs_refusal is None
+            else _logprobs_value(cs, cs.logprobs_refusal, embed=embed),
         }
     return {
         **cs.choice_extra,
@@ -894,7 +921,7 @@ def _close(
     if status is None and state.status is not None:
         status = state.status
     if status is None:
-        completion, error = build_completion(state, parse_unfinished=True)
+        completion, error = build_completion(state, parse_unfinished=True, embed=True)
         status = _status_of_error(error)
         if completion is None:
             status, error = (
@@ -902,7 +929,7 @@ def _close(
                 {"type": "EmptyStream", "message": "the stream ended before its first chunk"},
             )
     else:
-        completion, _ = build_completion(state, parse_unfinished=False)
+        completion, _ = build_completion(state, parse_unfinished=False, embed=True)
         if status == Status.ABORTED and abort_reason is not None:
             error = {"type": "Aborted", "message": str(abort_reason)}
     result.done = _done_record(state, status, error, completion)

@@ -12,9 +12,10 @@ from typing import Any, Protocol
 
 from worker.core import codec
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 """2: the counters no longer hold ``replayed_skipped`` and ``records_after_end`` (a v1 state is
-still read: those two are dropped)."""
+still read: those two are dropped). 3: logprob buffers hold normalized entries (a v1/v2 state is
+still read: its buffers are marked ``logprobs_wire`` and normalized when they are output)."""
 
 TEXT_FIELDS = ("content", "refusal")
 REASONING_FIELDS = ("reasoning_content", "reasoning")
@@ -101,6 +102,9 @@ class ChoiceState:
     logprobs_seen: bool = False
     logprobs_content: bytearray | None = None
     logprobs_refusal: bytearray | None = None
+    # the logprob buffers hold entries as the wire sent them (a state written before v3);
+    # otherwise they hold them normalized, ready to be embedded in outputs as they are
+    logprobs_wire: bool = False
     content_done: bool = False
     refusal_done: bool = False
     reasoning_done: bool = False
@@ -263,6 +267,7 @@ def _choice_to_dict(c: ChoiceState, buffers: BufferCodec, compact: bool) -> dict
             c.logprobs_seen,
             buffers.dump(f"{i}:lc", c.logprobs_content),
             buffers.dump(f"{i}:lr", c.logprobs_refusal),
+            c.logprobs_wire,
         ],
         "flags": [
             c.content_done,
@@ -286,9 +291,13 @@ def state_from_dict(
     version = data.get("v")
     if version == 1 and "counters" in data:
         chunks, duplicates, _replayed, gaps, missing, frames, _after_end = data["counters"]
-        data = {**data, "v": STATE_VERSION, "counters": [chunks, duplicates, gaps, missing, frames]}
+        data = {**data, "v": 2, "counters": [chunks, duplicates, gaps, missing, frames]}
     elif version == 1 and data.get("closed"):
+        data = {**data, "v": 2}
+    if data.get("v") == 2:
         data = {**data, "v": STATE_VERSION}
+        if "choices" in data:
+            data["choices"] = [{**c, "logprobs": [*c["logprobs"], c["logprobs"][0]]} for c in data["choices"]]
     if data.get("v") != STATE_VERSION:
         raise StateVersionError(f"unsupported state version {version!r}")
     if data.get("closed"):
@@ -339,7 +348,7 @@ def state_from_dict(
             choice.tools[index] = ToolCallState(
                 index, id_, type_, name, arguments, extra, fextra, done, partial, seen
             )
-        choice.logprobs_seen, lp_content, lp_refusal = raw["logprobs"]
+        choice.logprobs_seen, lp_content, lp_refusal, choice.logprobs_wire = raw["logprobs"]
         choice.logprobs_content = buffers.load(f"{i}:lc", lp_content)
         choice.logprobs_refusal = buffers.load(f"{i}:lr", lp_refusal)
         (
