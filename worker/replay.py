@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from worker.config import Settings
-from worker.core import engine, outputs
+from worker.core import codec, engine, outputs
 from worker.core.inputs import Frame, InputError, frames_to_keys, iter_frames
 from worker.core.records import InputRecord, InvalidRecord, RecordKind, make_record
 from worker.core.state import AnyState, CompletionState
@@ -67,10 +67,13 @@ def replay_kafka(text: str, request: dict[str, Any] | None, settings: Settings) 
 
 
 def _published(key: str, result: engine.FoldResult, settings: Settings) -> Iterator[dict[str, Any]]:
+    """Plain JSON values (the engine's embedded logprob JSON parsed), exactly what the worker
+    publishes once decoded."""
     for event in result.events:
-        yield {"topic": settings.events_topic, "key": key, "value": outputs.event_value(key, event)}
+        value = outputs.event_value(key, event)
+        yield {"topic": settings.events_topic, "key": key, "value": codec.plain(value)}
     if result.done is not None:
-        yield {"topic": settings.done_topic, "key": key, "value": result.done}
+        yield {"topic": settings.done_topic, "key": key, "value": codec.plain(result.done)}
 
 
 def _fold(state: AnyState | None, key: str, frame: Frame, options: engine.FoldOptions) -> engine.FoldResult:

@@ -12,9 +12,9 @@ import pytest
 
 from tests.harness import feed
 from tests.recorded import recordings
+from worker.app import processor as processor_module
 from worker.app.processor import MemoryStore, Output, Processor
 from worker.config import Settings
-from worker.core import codec
 from worker.core.inputs import frames_to_keys, iter_frames
 from worker.core.records import KIND_HEADER, SEQ_HEADER, RecordKind
 from worker.replay import replay_kafka
@@ -154,13 +154,11 @@ def test_one_engine_two_drivers() -> None:
         replayed = list(replay_kafka(rec.sse.read_text(), rec.request, Settings()))
         key = replayed[0]["key"].encode()
         worker_events = sorted((k[1], orjson.loads(v)) for k, v in events.items() if k[0] == key)
-        # replay's values are what it prints through codec.dumps (logprob lists are embedded JSON)
-        printed = [{**r, "value": orjson.loads(codec.dumps(r["value"]))} for r in replayed]
         assert [v for _, v in worker_events] == [
-            r["value"] for r in printed if r["topic"] == "completion-events"
+            r["value"] for r in replayed if r["topic"] == "completion-events"
         ]
         got = orjson.loads(done[key])
-        want = next(r["value"] for r in printed if r["topic"] == "completion-done")
+        want = next(r["value"] for r in replayed if r["topic"] == "completion-done")
         for field_name in ("completion", "status", "error", "usage", "event_count", "chunk_count", "request"):
             assert got[field_name] == want[field_name], field_name
 
@@ -220,6 +218,22 @@ def test_idle_completions_expire_and_their_state_is_deleted() -> None:
     processor.clock = lambda: 10_031.0
     processor.sweep()
     assert processor.closed_tombstones() == 0 and run.store.data == {}
+
+
+def test_a_sweep_examines_a_bounded_slice_and_reaches_everything_in_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(processor_module, "SWEEP_SLICE", 10)
+    logs = gateway_records()
+    cut = {p: [r for r in recs if r.value != b"[DONE]"] for p, recs in logs.items()}
+    run = Run(cut, settings=Settings(partitions=PARTITIONS, idle_timeout_s=60, tombstone_s=30))
+    assert run.consume(None, 5, random.Random(5))
+    processor, _, _ = run.start()
+    processor.clock = lambda: 10_000.0
+    assert processor.scan() == 49
+    expired_per_call = [sum(1 for o in processor.sweep() if o.topic == "completion-done") for _ in range(6)]
+    assert expired_per_call == [10, 10, 10, 10, 9, 0]
+    assert processor.open_completions() == 0
 
 
 def test_a_flush_captured_before_a_rebalance_is_dropped() -> None:

@@ -51,6 +51,11 @@ def embedded(data: bytes) -> Any:
     return orjson.Fragment(data)
 
 
+def plain(value: Any) -> Any:
+    """``value`` with any ``embedded`` JSON in it parsed: a plain JSON value again."""
+    return orjson.loads(dumps(value))
+
+
 def loads_partial(data: bytes | bytearray) -> Any:
     """Parse a JSON prefix the way openai-python does on deltas (jiter ``partial_mode=True``).
 
