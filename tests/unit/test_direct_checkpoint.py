@@ -1,0 +1,108 @@
+"""The direct driver's checkpoint order, without a broker: outputs acknowledged, then state
+written, then offsets committed. (Everything else of the driver runs against a real broker in
+the integration and fault tiers; this pins the one ordering a crash could otherwise exploit.)"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaTimeoutError
+
+from tests.streams import CID, choice, chunk
+from worker.app.direct import DirectWorker, changelog_topic
+from worker.config import Settings
+
+pytestmark = pytest.mark.unit
+
+
+@dataclass
+class Message:
+    offset: int
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    timestamp: int = 1_700_000_000_000
+
+
+class ScriptedSender:
+    """Stands in for ``BatchSender``: logs every add, and hands out one future per ``take``
+    that the test resolves (the broker's acknowledgement)."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, Any]] = []
+        self.marks = 0
+        self.acks: list[asyncio.Future[Any]] = []
+
+    def add(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None:
+        self.log.append(("add", topic))
+
+    def kick(self) -> int:
+        self.marks += 1
+        return self.marks
+
+    async def take(self, mark: int) -> list[asyncio.Future[Any]]:
+        ack: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.acks.append(ack)
+        self.log.append(("take", None))
+        return [ack]
+
+
+class RecordingConsumer:
+    def __init__(self, log: list[tuple[str, Any]]) -> None:
+        self.log = log
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.log.append(("commit", offsets))
+
+
+async def settle_in_steps(
+    fail_outputs: bool,
+) -> tuple[DirectWorker, ScriptedSender, list[list[tuple[str, Any]]]]:
+    settings = Settings(bootstrap_servers="unused:9092")
+    worker = DirectWorker(settings)
+    sender = ScriptedSender()
+    worker.sender = sender  # type: ignore[assignment]
+    worker.consumer = RecordingConsumer(sender.log)  # type: ignore[assignment]
+    worker.processor.assign([0])
+    value = orjson.dumps(chunk(choice(0, role="assistant", content="hi")))
+    await worker._process(0, [Message(offset=7, key=CID.encode(), value=value)])
+    assert ("add", settings.events_topic) in sender.log
+    sender.log.clear()
+    settling = asyncio.ensure_future(worker._settle(worker._capture()))
+    steps: list[list[tuple[str, Any]]] = []
+    for ack in range(2):
+        for _ in range(5):
+            await asyncio.sleep(0)
+        steps.append(list(sender.log))
+        if ack < len(sender.acks):
+            if fail_outputs:
+                sender.acks[ack].set_exception(KafkaTimeoutError())
+            else:
+                sender.acks[ack].set_result(None)
+    await settling
+    steps.append(list(sender.log))
+    return worker, sender, steps
+
+
+def test_state_is_written_only_after_the_outputs_are_acknowledged_and_offsets_last() -> None:
+    worker, _, (before_ack, after_outputs, after_state) = asyncio.run(settle_in_steps(fail_outputs=False))
+    changelog = changelog_topic(worker.settings)
+    # waiting for the outputs' acknowledgement: no state write, no commit yet
+    assert before_ack == [("take", None)]
+    # outputs acknowledged: the state write goes out, the commit still waits for it
+    assert after_outputs == [("take", None), ("add", changelog), ("take", None)]
+    # state acknowledged: the offset after the record is committed
+    assert after_state[-1] == ("commit", {TopicPartition(worker.settings.input_topic, 0): 8})
+    assert worker.failure is None
+
+
+def test_a_failed_output_delivery_writes_no_state_and_commits_nothing() -> None:
+    worker, sender, steps = asyncio.run(settle_in_steps(fail_outputs=True))
+    assert steps[-1] == [("take", None)]
+    assert worker.failure is not None and worker.stopping.is_set()
+    assert all(entry[0] != "commit" for entry in sender.log)
