@@ -24,6 +24,8 @@ from worker.core.records import InvalidRecord, RecordKind, decode_record
 from worker.core.state import AnyState, ClosedCompletion, CompletionState, StateVersionError
 
 Headers = Sequence[tuple[str, bytes]]
+SWEEP_SLICE = 5_000
+"""Completions (open or tombstones) one ``sweep`` call examines: about 5 ms of work."""
 log = logging.getLogger("chunkfold.worker")
 
 
@@ -107,6 +109,11 @@ class Processor:
         self.store = store
         self.options = engine.FoldOptions(snapshots=settings.snapshots, partial_parse=settings.partial_parse)
         self.tracked: dict[str, Tracked] = {}
+        self.dirty: dict[str, Tracked] = {}
+        self.sweep_order: list[str] = []
+        self.sweep_next = 0
+        """The tracked completions changed since the last ``capture`` (so a capture costs what
+        changed, not every completion and tombstone held)."""
         self.assigned: set[int] = set()
         self.unscanned: set[int] = set()
         self.positions: dict[int, int] = {}
@@ -130,7 +137,8 @@ class Processor:
     ) -> tuple[list[Output], bool]:
         """Fold one input record. Returns the outputs to send and whether ``handle`` may be
         acknowledged at once (the record changed no state); otherwise it is held until the
-        state that includes it is flushed."""
+        state that includes it is flushed. ``handle`` None: the driver tracks delivery by
+        offsets itself, nothing is held."""
         self.stats.records_in += 1
         self.positions[partition] = offset
         self.last_record_at[partition] = self.clock_ms()
@@ -167,8 +175,9 @@ class Processor:
             tracked = self.tracked[completion_id] = Tracked(result.state, Cursor(), partition)
         tracked.state = result.state
         tracked.partition = partition
-        tracked.dirty = True
-        tracked.pending.append(handle)
+        self._changed(completion_id, tracked)
+        if handle is not None:
+            tracked.pending.append(handle)
         return [*expired, *self._outputs(completion_id, result)], False
 
     def _expire_before(
@@ -196,8 +205,12 @@ class Processor:
         result = engine.expire(state, now_ms)
         assert result.state is not None
         tracked.state = result.state
-        tracked.dirty = True
+        self._changed(completion_id, tracked)
         return self._outputs(completion_id, result)
+
+    def _changed(self, completion_id: str, tracked: Tracked) -> None:
+        tracked.dirty = True
+        self.dirty[completion_id] = tracked
 
     def _load(self, completion_id: str, partition: int) -> Tracked | None:
         tracked = self.tracked.get(completion_id)
@@ -279,9 +292,8 @@ class Processor:
         """The writes that persist every changed completion as of now, and the handles they
         release. Call, then make sure earlier outputs are delivered, then ``apply``."""
         batch = FlushBatch(self.generation)
-        for tracked in self.tracked.values():
-            if not tracked.dirty:
-                continue
+        changed, self.dirty = self.dirty, {}
+        for tracked in changed.values():
             if isinstance(tracked.state, ClosedCompletion):
                 tracked.stored_bytes = 0
             for key, value in flush_writes(tracked.state, tracked.cursor, tracked.partition):
@@ -316,12 +328,25 @@ class Processor:
         Idle time is measured in stream time: while a partition is being consumed, "now" is
         the newest record timestamp seen on it, so a worker catching up on a backlog does not
         expire completions whose next records are still in that backlog. A partition that
-        has been quiet for the whole timeout uses the wall clock."""
+        has been quiet for the whole timeout uses the wall clock.
+
+        One call examines at most ``SWEEP_SLICE`` completions, continuing where the last one
+        stopped (tombstones live as long as the idle timeout, so a busy worker holds many):
+        a call costs a bounded pause, and with N held a completion is examined every
+        N / ``SWEEP_SLICE`` calls. (Records arriving late find an idle completion expired by
+        their own timestamp anyway, see ``_expire_before``.)"""
         wall_ms = self.clock_ms() if now_ms is None else now_ms
         idle_ms = int(self.settings.idle_timeout_s * 1000)
         tombstone_ms = int(self.settings.tombstone_s * 1000)
         out: list[Output] = []
-        for completion_id, tracked in list(self.tracked.items()):
+        if self.sweep_next >= len(self.sweep_order):
+            self.sweep_order, self.sweep_next = list(self.tracked), 0
+        ids = self.sweep_order[self.sweep_next : self.sweep_next + SWEEP_SLICE]
+        self.sweep_next += len(ids)
+        for completion_id in ids:
+            tracked = self.tracked.get(completion_id)
+            if tracked is None:
+                continue
             now = self._stream_now(tracked.partition, wall_ms, idle_ms)
             since = engine.idle_since_ms(tracked.state)
             if since is None:
@@ -361,6 +386,7 @@ class Processor:
         self.unscanned -= gone
         for completion_id in [c for c, t in self.tracked.items() if t.partition in gone]:
             del self.tracked[completion_id]
+            self.dirty.pop(completion_id, None)
 
     def scan(self) -> int:
         """Load the stored completions of newly assigned partitions, so that abandoned ones
