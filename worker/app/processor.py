@@ -110,10 +110,11 @@ class Processor:
         self.options = engine.FoldOptions(snapshots=settings.snapshots, partial_parse=settings.partial_parse)
         self.tracked: dict[str, Tracked] = {}
         self.dirty: dict[str, Tracked] = {}
-        self.sweep_order: list[str] = []
-        self.sweep_next = 0
         """The tracked completions changed since the last ``capture`` (so a capture costs what
         changed, not every completion and tombstone held)."""
+        self.sweep_order: list[str] = []
+        self.sweep_next = 0
+        """``sweep`` examines ``sweep_order`` (the tracked ids when its cycle began) from here."""
         self.assigned: set[int] = set()
         self.unscanned: set[int] = set()
         self.positions: dict[int, int] = {}
