@@ -214,49 +214,6 @@ def test_structured_output_is_parsed_and_validated() -> None:
     assert all("snapshot" not in e and "parsed" not in e for e in events if e["type"] == "content.delta")
 
 
-def test_a_full_parse_at_done_is_reused_by_the_final_completion_unless_the_text_grew(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    parsed_texts: list[str | None] = []
-    real = engine.parse_and_validate
-
-    def counting(text: str | None, schema_json: bytes | None) -> Any:
-        parsed_texts.append(text)
-        return real(text, schema_json)
-
-    monkeypatch.setattr(engine, "parse_and_validate", counting)
-    structured = jsonl(
-        chunk(choice(0, role="assistant", content='{"city": "Oslo", ')),
-        chunk(choice(0, content='"temperature": -3.5}', finish_reason="stop")),
-    )
-    _, done = kafka(structured, structured_request())
-    assert done["completion"]["choices"][0]["message"]["parsed"] == {"city": "Oslo", "temperature": -3.5}
-    assert len(parsed_texts) == 1, "content.done and the final completion share one parse"
-
-    parsed_texts.clear()
-    call = tool_delta(0, id="call_1", name="get_weather", arguments='{"city": "Oslo", "temperature": 1}')
-    _, done = kafka(
-        jsonl(chunk(choice(0, role="assistant", tool_calls=[call], finish_reason="tool_calls"))),
-        tools_request(),
-    )
-    assert done["completion"]["choices"][0]["message"]["tool_calls"][0]["function"]["parsed_arguments"] == {
-        "city": "Oslo",
-        "temperature": 1,
-    }
-    assert len(parsed_texts) == 1, "arguments.done and the final completion share one parse"
-
-    # a provider sending more content after the finish: the final completion parses the new text
-    parsed_texts.clear()
-    grown = jsonl(
-        chunk(
-            choice(0, role="assistant", content='{"city": "Oslo", "temperature": 1}', finish_reason="stop")
-        ),
-        chunk(choice(0, content=" ")),
-    )
-    kafka(grown, structured_request())
-    assert parsed_texts == ['{"city": "Oslo", "temperature": 1}', '{"city": "Oslo", "temperature": 1} ']
-
-
 def test_non_chunk_frames_are_skipped_and_counted() -> None:
     azure_filter = {
         "id": "",

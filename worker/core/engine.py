@@ -719,32 +719,22 @@ def _parse_content(state: CompletionState, cs: ChoiceState, content: str) -> Any
     """The validated structured output of a choice, or None where the SDK gives None."""
     if not state.spec.structured or not content or cs.text.get("refusal"):
         return None
-    key = (len(content), state.spec.response_schema_json)
-    if cs.parsed_done is not None and cs.parsed_done[0] == key:
-        return cs.parsed_done[1]
     try:
-        parsed = parse_and_validate(content, state.spec.response_schema_json)
+        return parse_and_validate(content, state.spec.response_schema_json)
     except SchemaValidationError as exc:
         raise _StreamError("ValidationError", f"choice {cs.index} content: {exc}") from None
-    cs.parsed_done = (key, parsed)
-    return parsed
 
 
 def _parse_tool_arguments(state: CompletionState, tool: ToolCallState) -> Any:
     spec = state.spec.tools.get(tool.name or "")
     if spec is None or not spec.strict:
         return None
-    key = (len(tool.arguments), spec.schema_json)
-    if tool.parsed_done is not None and tool.parsed_done[0] == key:
-        return tool.parsed_done[1]
     try:
-        parsed = parse_and_validate(tool.arguments_text(), spec.schema_json)
+        return parse_and_validate(tool.arguments_text(), spec.schema_json)
     except SchemaValidationError as exc:
         raise _StreamError(
             "ValidationError", f"tool call {tool.index} ({tool.name}) arguments: {exc}"
         ) from None
-    tool.parsed_done = (key, parsed)
-    return parsed
 
 
 def _accumulate_value(acc: dict[str, Any], key: str, value: Any) -> None:

@@ -82,10 +82,6 @@ class ToolCallState:
     done: bool = False
     parsed_partial: Any = None
     arguments_seen: bool = False
-    parsed_done: tuple[tuple[int, bytes | None], Any] | None = field(default=None, compare=False, repr=False)
-    """Transient, not stored: the full parse of the arguments, keyed by their length and the
-    schema then (arguments only grow, so the same length is the same text): computed once for
-    the done event and reused for the final completion."""
 
     def arguments_text(self) -> str | None:
         """The arguments so far; None while the wire has sent no string for them (as the SDK)."""
@@ -115,8 +111,6 @@ class ChoiceState:
     logprobs_content_done: bool = False
     logprobs_refusal_done: bool = False
     parsed_partial: Any = None
-    parsed_done: tuple[tuple[int, bytes | None], Any] | None = field(default=None, compare=False, repr=False)
-    """Transient, not stored: the full parse of the content (see ``ToolCallState.parsed_done``)."""
 
     def text_of(self, name: str) -> str | None:
         buf = self.text.get(name)
