@@ -200,7 +200,9 @@ def test_changelog_bytes_stay_linear_in_the_completion() -> None:
     assert max(ratios.values()) <= 3.0, sorted(ratios.items(), key=lambda kv: -kv[1])[:3]
 
 
-def test_idle_completions_expire_and_their_state_is_deleted() -> None:
+def abandoned_run() -> tuple[Run, Processor, dict[int, set[int]]]:
+    """Every recording without its [DONE], consumed and committed, then a fresh processor (at
+    wall time 10,000 s, far past the 60 s idle timeout) that has loaded all 49 from the store."""
     logs = gateway_records()
     cut = {p: [r for r in recs if r.value != b"[DONE]"] for p, recs in logs.items()}
     run = Run(cut, settings=Settings(partitions=PARTITIONS, idle_timeout_s=60, tombstone_s=30))
@@ -208,6 +210,11 @@ def test_idle_completions_expire_and_their_state_is_deleted() -> None:
     processor, _, acked = run.start()
     processor.clock = lambda: 10_000.0
     assert processor.scan() == 49
+    return run, processor, acked
+
+
+def test_idle_completions_expire_and_their_state_is_deleted() -> None:
+    run, processor, acked = abandoned_run()
     assert processor.open_completions() == 49
     expired = processor.sweep()
     statuses = [orjson.loads(o.value)["status"] for o in expired if o.topic == "completion-done"]
@@ -224,13 +231,7 @@ def test_a_sweep_examines_a_bounded_slice_and_reaches_everything_in_turn(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(processor_module, "SWEEP_SLICE", 10)
-    logs = gateway_records()
-    cut = {p: [r for r in recs if r.value != b"[DONE]"] for p, recs in logs.items()}
-    run = Run(cut, settings=Settings(partitions=PARTITIONS, idle_timeout_s=60, tombstone_s=30))
-    assert run.consume(None, 5, random.Random(5))
-    processor, _, _ = run.start()
-    processor.clock = lambda: 10_000.0
-    assert processor.scan() == 49
+    _, processor, _ = abandoned_run()
     expired_per_call = [sum(1 for o in processor.sweep() if o.topic == "completion-done") for _ in range(6)]
     assert expired_per_call == [10, 10, 10, 10, 9, 0]
     assert processor.open_completions() == 0

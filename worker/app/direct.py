@@ -81,10 +81,7 @@ class ChangelogStore(MemoryStore):
 
     def load(self, partition: int, key: str, value: bytes | None) -> None:
         """Apply one changelog record read back (not a new write)."""
-        if value is None:
-            self.data.pop(key, None)
-        else:
-            self.data[key] = value
+        self.put(key, value)
         self._place(partition, key, value)
 
     def _place(self, partition: int, key: str, value: bytes | None) -> None:
@@ -328,8 +325,7 @@ class DirectWorker:
                         if tp.partition in self.processor.assigned:
                             await self._process(tp.partition, messages)
                     if self._checkpoint_due():
-                        # It settles while the next batches are processed.
-                        self.settling = asyncio.ensure_future(self._settle(self._capture()))
+                        self._start_checkpoint()  # it settles while the next batches are processed
         finally:
             stop.cancel()
 
@@ -374,8 +370,12 @@ class DirectWorker:
         """Make everything processed so far durable, then commit its offsets; waits for both.
         Call holding ``lock``."""
         await self._settled()
-        self.settling = asyncio.ensure_future(self._settle(self._capture()))
+        self._start_checkpoint()
         await self._settled()
+
+    def _start_checkpoint(self) -> None:
+        """Capture now; settle in the background (``settling``). Call holding ``lock``."""
+        self.settling = asyncio.ensure_future(self._settle(self._capture()))
 
     def _capture(self) -> Checkpoint:
         """Sweep, and take what the next checkpoint covers: the state writes of every changed

@@ -52,6 +52,10 @@ class MemoryStore:
 
     def write(self, partition: int, key: str, value: bytes | None) -> None:
         self.log.append((partition, key, value))
+        self.put(key, value)
+
+    def put(self, key: str, value: bytes | None) -> None:
+        """Set (None: delete) ``key`` without logging a write."""
         if value is None:
             self.data.pop(key, None)
         else:

@@ -627,11 +627,10 @@ def _logprobs_value(cs: ChoiceState, buf: bytearray, *, embed: bool) -> Any:
     """The entries in ``buf`` as an output value: with ``embed``, the buffer's JSON as it is
     (``codec.embedded``: no parse, no objects; O(bytes) at the end of a stream instead of a
     parse and a normalizing copy of every entry), else a list."""
+    data = b"[" + buf + b"]"
     if cs.logprobs_wire:
-        return _tokens(codec.loads(b"[" + buf + b"]"))
-    if embed:
-        return codec.embedded(b"[" + buf + b"]")
-    return codec.loads(b"[" + buf + b"]")
+        return _tokens(codec.loads(data))
+    return codec.embedded(data) if embed else codec.loads(data)
 
 
 def _tokens(items: list[Any]) -> list[Any]:
