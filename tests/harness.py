@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import signal
 import subprocess
@@ -62,11 +61,22 @@ class WorkerProcess:
     settings: Settings
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    loglevel: str = "warning"
+    """``info`` adds a line per finished completion."""
 
     def start(self) -> WorkerProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "worker", "--loglevel", "warning"],
+            [
+                sys.executable,
+                "-m",
+                "worker.cli",
+                "worker",
+                "--loglevel",
+                self.loglevel,
+                "--log-format",
+                "json",
+            ],
             env=settings_env(self.settings),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -103,18 +113,25 @@ class Collected:
     done: list[tuple[bytes, dict[str, Any], bytes]] = field(default_factory=list)
     deadletters: list[dict[str, Any]] = field(default_factory=list)
     stamps: list[float] = field(default_factory=list)
-
-    def longest_gap(self, start: float, end: float) -> float:
-        """Longest time without any output between ``start`` and ``end`` (epoch s)."""
-        inside = sorted(t for t in self.stamps if start <= t <= end)
-        points = [start, *inside, end] if inside else [start, end]
-        return max(b - a for a, b in itertools.pairwise(points))
+    first_done_at: dict[bytes, float] = field(default_factory=dict)
+    """Completion key -> when its first completion-done was appended (epoch s)."""
 
     def repeats(self) -> tuple[int, int]:
         """(repeated completion-done records, repeated events) before de-duplication."""
         done_ids = [k for k, _, _ in self.done]
         event_ids = [(k, v["seq"]) for k, v in self.events]
         return len(done_ids) - len(set(done_ids)), len(event_ids) - len(set(event_ids))
+
+    def duplicates_after_dedup(self) -> int:
+        """Records that de-duplication by completion id (done) and ``(completion id, seq)``
+        (events) cannot remove: a repeat whose bytes differ from the first copy."""
+        done: dict[bytes, set[bytes]] = {}
+        for key, _, raw in self.done:
+            done.setdefault(key, set()).add(raw)
+        events: dict[tuple[bytes, int], set[bytes]] = {}
+        for key, value in self.events:
+            events.setdefault((key, value["seq"]), set()).add(orjson.dumps(value))
+        return sum(len(v) - 1 for v in done.values()) + sum(len(v) - 1 for v in events.values())
 
     def done_by_id(self) -> dict[str, dict[str, Any]]:
         """One completion-done per id; asserts any repeat is byte-identical."""
@@ -158,6 +175,7 @@ async def _collect(
                     elif tp.topic == settings.done_topic:
                         assert m.key is not None
                         got.done.append((m.key, orjson.loads(m.value), m.value))
+                        got.first_done_at.setdefault(m.key, m.timestamp / 1000)
                     else:
                         got.deadletters.append(orjson.loads(m.value))
             if until(got):
@@ -194,7 +212,8 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-async def _group_members(settings: Settings) -> tuple[str, int]:
+async def _group_members(settings: Settings) -> tuple[str, set[str]]:
+    """The worker group's state and member ids."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
@@ -202,25 +221,29 @@ async def _group_members(settings: Settings) -> tuple[str, int]:
     try:
         response = await admin.describe_consumer_groups([settings.app_id])
         group = response[0].groups[0] if hasattr(response[0], "groups") else response[0]
-        state, members = (
-            (group[2], len(group[5])) if isinstance(group, tuple) else (group.state, len(group.members))
-        )
-        return str(state), members
+        state, members = (group[2], group[5]) if isinstance(group, tuple) else (group.state, group.members)
+        return str(state), {str(m[0] if isinstance(m, tuple) else m.member_id) for m in members}
     finally:
         await admin.close()
 
 
-def wait_group_stable(settings: Settings, members: int, timeout: float = 90.0) -> None:
-    """Block until the worker group is Stable with exactly ``members`` members."""
+def wait_group_stable(
+    settings: Settings, members: int, timeout: float = 90.0, *, without: frozenset[str] = frozenset()
+) -> set[str]:
+    """Block until the worker group is Stable with exactly ``members`` members, none of them in
+    ``without`` (members known to be dead); returns their ids."""
+    found: set[str] = set()
 
     def stable() -> bool:
+        nonlocal found
         try:
-            state, count = asyncio.run(_group_members(settings))
+            state, found = asyncio.run(_group_members(settings))
         except Exception:
             return False
-        return state == "Stable" and count == members
+        return state == "Stable" and len(found) == members and not found & without
 
     wait_for(stable, timeout, f"consumer group {settings.app_id} stable with {members} members")
+    return found
 
 
 def feed(
@@ -283,14 +306,18 @@ TIMING_FREE = (
     "request",
     "chunk_count",
     "event_count",
+    "anomalies",
 )
+"""The fields of a completion-done record that do not depend on when records were published
+(``timing`` does)."""
 
 
 def assert_matches_reference(
     got: Collected, reference: tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]
 ) -> None:
-    """Every completion finished once (after de-duplication), equal to the fault-free run, with a
-    gap-free event sequence equal to the fault-free one."""
+    """Every completion finished once (after de-duplication; any repeat byte-identical), equal to
+    the fault-free run, with a gap-free event sequence (seq 0, 1, ...) equal to the fault-free
+    one (any repeated event identical)."""
     want_events, want_done = reference
     done, events = got.done_by_id(), got.events_by_id()
     assert set(done) == set(want_done), (
@@ -300,7 +327,9 @@ def assert_matches_reference(
         assert {k: done[completion_id][k] for k in TIMING_FREE} == {k: want[k] for k in TIMING_FREE}, (
             completion_id
         )
-        assert events.get(completion_id, []) == want_events.get(completion_id, []), completion_id
+        sequence = events.get(completion_id, [])
+        assert [e["seq"] for e in sequence] == list(range(len(sequence))), f"seq gap in {completion_id}"
+        assert sequence == want_events.get(completion_id, []), completion_id
 
 
 class BackgroundProducer(threading.Thread):
@@ -346,9 +375,14 @@ class BackgroundProducer(threading.Thread):
         finally:
             await producer.stop()
 
-    def in_flight_at(self, moment: float) -> int:
-        """Completions that had started but not finished publishing at ``moment`` (epoch s)."""
-        return sum(1 for k, t in self.first_sent.items() if t <= moment < self.last_sent[k])
+    def in_flight_at(self, moment: float, keys: set[bytes] | None = None) -> int:
+        """Completions (of ``keys``, default all) that had started but not finished publishing at
+        ``moment`` (epoch s)."""
+        return sum(
+            1
+            for k, t in self.first_sent.items()
+            if t <= moment < self.last_sent[k] and (keys is None or k in keys)
+        )
 
     def finish(self, timeout: float = 300.0) -> None:
         self.join(timeout)

@@ -5,8 +5,6 @@ load runs, and its values checked against what the output topics hold once it is
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -20,7 +18,6 @@ import pytest
 
 from tests.conftest import kafka_module
 from tests.harness import (
-    ROOT,
     BackgroundProducer,
     Collected,
     WorkerProcess,
@@ -28,7 +25,6 @@ from tests.harness import (
     done_count,
     fresh_settings,
     recorded_records,
-    settings_env,
     wait_for,
     wait_group_stable,
 )
@@ -56,23 +52,6 @@ HISTOGRAMS = (
     "chunkfold_time_to_first_token_seconds",
     "chunkfold_tokens_per_second",
 )
-
-
-class InfoLogWorker(WorkerProcess):
-    """``WorkerProcess`` at ``--loglevel info`` (the harness runs workers at ``warning``, where
-    the ``completion finished`` lines are not logged), JSON log format spelled out."""
-
-    def start(self) -> InfoLogWorker:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "worker", "--loglevel", "info", "--log-format", "json"],
-            env=settings_env(self.settings),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            start_new_session=True,
-        )
-        return self
 
 
 @dataclass
@@ -223,7 +202,7 @@ def test_metrics_health_and_json_logs_under_load(
         kafka, driver=driver, partitions=PARTITIONS, idle_timeout_s=IDLE_TIMEOUT_S, web_port=port
     )
     load = workload()
-    worker = InfoLogWorker(settings, tmp_path / "worker.log").start()
+    worker = WorkerProcess(settings, tmp_path / "worker.log", loglevel="info").start()
     workers.append(worker)
     wait_group_stable(settings, 1)
     wait_for(lambda: _ready(port), 60, "/readyz 200 once partitions are assigned")
