@@ -32,6 +32,9 @@ test: $(STAMP) ## everything CI runs: lint, unit, conformance, integration and f
 test-fast: $(STAMP) ## unit and conformance tests only (no broker)
 	$(BIN)/pytest -m "unit or conformance" -q
 
+reliability: $(STAMP) ## print the README's reliability table from the last fault-test run (make test)
+	@$(BIN)/python -m tests.reliability
+
 bench: $(STAMP) ## benchmarks: engine vs openai-python, end to end vs a bare aiokafka pipe
 	$(BIN)/python -m tests.bench
 
@@ -48,4 +51,4 @@ clean: ## remove caches and local broker data
 	-$(KAFKA) down
 	rm -rf .cache .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help install lint test test-fast bench kafka-up kafka-down run clean
+.PHONY: help install lint test test-fast reliability bench kafka-up kafka-down run clean
