@@ -1,24 +1,35 @@
 """A downstream service reading chunkfold's output topics, with only the ``schemas`` package.
 
+    pip install ./schemas aiokafka          # chunkfold-schemas (pydantic only) and a Kafka client
     KAFKA_BOOTSTRAP_SERVERS=localhost:9092 python examples/consumer.py [GROUP_ID]
+    chunkfold replay capture.sse | python examples/consumer.py -     # no Kafka, no aiokafka
 
-It consumes ``completion-events`` and ``completion-done`` as its own consumer group, parses
-every value into its typed record (``schemas.events.parse_event``, ``schemas.done.parse_done``)
-and acts on it once: delivery is at least once, so it drops repeats of an event by
-``(completion_id, seq)`` and of a finished completion by ``completion_id``. A real service would
-keep those keys in its own store (with a TTL) and commit offsets after its side effects.
-Needs ``aiokafka`` and ``pydantic`` (the ``schemas`` package imports nothing from the worker).
+It consumes ``completion-events`` and ``completion-done`` as its own consumer group (or reads
+``chunkfold replay --format kafka`` lines from standard input with ``-``), parses every value
+into its typed record (``schemas.events.parse_event``, ``schemas.done.parse_done``) and acts on
+it once: delivery is at least once, so it drops repeats of an event by ``(completion_id, seq)``
+and of a finished completion by ``completion_id``. A real service would keep those keys in its
+own store (with a TTL) and commit offsets after its side effects. It prints one line per
+finished text or refusal of a choice, finished tool call and finished completion:
+
+    chatcmpl-…[0]: '{"city":"San Francisco","temperature":61,"units":"f"}'
+    chatcmpl-…: call get_weather({"city":"San Francisco","state":"CA"})
+    chatcmpl-…: completed after 17 chunks, 93 tokens
+
+Invalid values are reported on standard error and skipped. The parsing part needs only
+``pydantic`` and ``schemas`` (which imports nothing from the worker); Kafka needs ``aiokafka``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer
 from pydantic import ValidationError
 
 from schemas.done import DoneRecord, parse_done
@@ -74,7 +85,33 @@ def describe(record: Record) -> str | None:
     return None
 
 
+def handle(topic: str, value: bytes, seen: Deduplicator) -> str | None:
+    """Parse, de-duplicate and describe one output record: the line to print, if any."""
+    try:
+        record = parse_record(topic, value)
+    except ValidationError as exc:
+        print(f"skipping an invalid {topic} record: {exc}", file=sys.stderr)
+        return None
+    return describe(record) if seen.first_time(record) else None
+
+
+def read_replay(lines: Iterable[str]) -> None:
+    """Handle ``chunkfold replay --format kafka`` lines (``{"topic", "key", "value"}``); records
+    of other topics (dead letters) are skipped."""
+    seen = Deduplicator()
+    for line in lines:
+        if not line.strip():
+            continue
+        out = json.loads(line)
+        if out["topic"] in (EVENTS_TOPIC, DONE_TOPIC):
+            printed = handle(out["topic"], json.dumps(out["value"]).encode(), seen)
+            if printed:
+                print(printed, flush=True)
+
+
 async def consume(bootstrap_servers: str, group_id: str) -> None:
+    from aiokafka import AIOKafkaConsumer  # only this mode needs a Kafka client
+
     consumer = AIOKafkaConsumer(
         EVENTS_TOPIC,
         DONE_TOPIC,
@@ -92,14 +129,9 @@ async def consume(bootstrap_servers: str, group_id: str) -> None:
                 for message in messages:
                     if message.value is None:
                         continue
-                    try:
-                        record = parse_record(message.topic, message.value)
-                    except ValidationError as exc:
-                        print(f"skipping an invalid {message.topic} record: {exc}", file=sys.stderr)
-                        continue
-                    line = describe(record) if seen.first_time(record) else None
-                    if line:
-                        print(line, flush=True)
+                    printed = handle(message.topic, message.value, seen)
+                    if printed:
+                        print(printed, flush=True)
             if batches:
                 await consumer.commit()
     finally:
@@ -107,9 +139,12 @@ async def consume(bootstrap_servers: str, group_id: str) -> None:
 
 
 def main() -> int:
+    if sys.argv[1:] == ["-"]:
+        read_replay(sys.stdin)
+        return 0
     bootstrap_servers = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not bootstrap_servers:
-        print("set KAFKA_BOOTSTRAP_SERVERS", file=sys.stderr)
+        print("set KAFKA_BOOTSTRAP_SERVERS, or pass - to read `chunkfold replay` output", file=sys.stderr)
         return 2
     group_id = sys.argv[1] if len(sys.argv) > 1 else "chunkfold-example-consumer"
     with contextlib.suppress(KeyboardInterrupt):

@@ -20,6 +20,8 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from schemas.abort import AbortRecord
+from schemas.chunk import ChunkRecord
 from schemas.deadletter import DeadLetter
 from schemas.done import DoneRecord
 from schemas.events import CompletionEvent
@@ -48,6 +50,25 @@ CONTRACTS: tuple[Contract, ...] = (
         "The optional request context record on completion-chunks (header chunkfold.kind: request): "
         "the create-params the gateway sent. Key: the completion id.",
         TypeAdapter(RequestContext),
+    ),
+    Contract(
+        "completion-chunk",
+        "completion-chunks",
+        "CompletionChunk",
+        "A chunk record on completion-chunks (header chunkfold.kind absent or chunk): the SSE data "
+        "payload exactly as the API streamed it, i.e. a chat.completion.chunk, an error frame or "
+        "another provider frame. Exactly the values the worker folds: the fields it reads are typed, "
+        "all others allowed. Key: the completion id, which a non-empty chunk id must equal.",
+        TypeAdapter(ChunkRecord),
+    ),
+    Contract(
+        "abort",
+        "completion-chunks",
+        "Abort",
+        "An abort record on completion-chunks (header chunkfold.kind: abort) whose value is not "
+        "empty: a JSON object (or null); the completion ends with status aborted. Key: the "
+        "completion id.",
+        TypeAdapter(AbortRecord | None),
     ),
     Contract(
         "completion-event",

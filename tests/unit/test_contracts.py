@@ -4,10 +4,13 @@
   the command to run), are canonical draft 2020-12 documents, and accept every record the
   engine publishes (replay over the recorded API streams, and the worker's record processor
   with bad input, aborts and expiry) while rejecting malformed ones, as the pydantic models do.
+- The input records' schemas (chunk, abort) and models accept exactly the values the worker
+  folds and reject the ones it dead-letters for their shape (recorded streams, hand-made frames
+  and generated chunks, compared with the worker's own decoding).
 - ``schemas/asyncapi.yaml`` is valid against the official AsyncAPI 3.0 JSON schema (npm
   @asyncapi/specs, checked with the jsonschema package) and parses with the official AsyncAPI
   parser (npm @asyncapi/parser, run with node), and names the worker's real topics, headers,
-  consumer group and schema files.
+  consumer group and schema files (every JSON payload is a generated schema file).
 - ``schemas`` imports nothing from ``worker`` (nor Kafka or Faust), and ``examples/consumer.py``
   parses published records with it.
 """
@@ -15,15 +18,18 @@
 from __future__ import annotations
 
 import ast
+import copy
+import functools
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -31,12 +37,16 @@ from typing import Any
 import orjson
 import pytest
 import yaml
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
 from jsonschema import Draft7Validator, Draft202012Validator
 from jsonschema_specifications import REGISTRY as METASCHEMAS
 from pydantic import ValidationError
 from referencing.jsonschema import DRAFT7
 
 from schemas import generate
+from schemas.abort import AbortRecord, parse_abort
+from schemas.chunk import CHUNK_OBJECT, ChatCompletionChunk, ErrorFrame, NonChunkFrame, parse_chunk
 from schemas.done import parse_done
 from schemas.events import parse_event
 from tests.harness import feed
@@ -44,7 +54,7 @@ from tests.recorded import recordings
 from tests.unit.npm_tools import node_dir, package_version, run_node
 from worker.app.processor import MemoryStore, Processor
 from worker.config import Settings
-from worker.core.records import KIND_HEADER, SEQ_HEADER, RecordKind
+from worker.core.records import KIND_HEADER, SEQ_HEADER, InvalidRecord, RecordKind, decode_record
 from worker.gateway import GatewayRecord, capture_records
 from worker.replay import replay_kafka
 
@@ -107,7 +117,14 @@ def test_a_stale_or_missing_schema_file_is_detected(tmp_path: Path) -> None:
 def test_schema_files_are_canonical_draft_2020_12() -> None:
     files = sorted(generate.JSON_DIR.glob("*.json"))
     assert [p.name for p in files] == sorted(
-        ["request-context.json", "completion-event.json", "completion-done.json", "dead-letter.json"]
+        [
+            "request-context.json",
+            "completion-chunk.json",
+            "abort.json",
+            "completion-event.json",
+            "completion-done.json",
+            "dead-letter.json",
+        ]
     )
     for path in files:
         text = path.read_text()
@@ -265,6 +282,393 @@ def test_the_schemas_reject_what_the_models_reject() -> None:
     assert errors_of(done_schema, _broken(done, chunk_count="12"))
 
 
+# -- input records: the schemas say what the worker folds ---------------------------------------------
+
+
+def worker_verdict(kind: RecordKind, value: bytes, key: str = "k") -> str | None:
+    """None when the worker folds this value as a record of ``kind``, else its dead-letter reason."""
+    try:
+        decode_record(key.encode(), value, [(KIND_HEADER, kind.value.encode())])
+    except InvalidRecord as exc:
+        return exc.reason
+    return None
+
+
+def _key_of(chunk: Any) -> str:
+    """The record key a gateway would use: the chunk's own id (so that key_mismatch needs a
+    non-string id)."""
+    chunk_id = chunk.get("id") if isinstance(chunk, dict) else None
+    return chunk_id if isinstance(chunk_id, str) and chunk_id else "k"
+
+
+def _chunk_verdicts(chunk: Any) -> tuple[str | None, bool, bool]:
+    """The worker's verdict on a chunk value, whether the JSON Schema accepts it, whether the
+    model does."""
+    value = orjson.dumps(chunk)
+    try:
+        parse_chunk(value)
+        model_ok = True
+    except ValidationError:
+        model_ok = False
+    return (
+        worker_verdict(RecordKind.CHUNK, value, _key_of(chunk)),
+        not errors_of(chunk_schema(), chunk),
+        model_ok,
+    )
+
+
+@functools.cache
+def chunk_schema() -> Draft202012Validator:
+    return schema_validator("completion-chunk")
+
+
+@functools.cache
+def abort_schema() -> Draft202012Validator:
+    return schema_validator("abort")
+
+
+def test_recorded_chunks_match_the_chunk_schema() -> None:
+    chunks = 0
+    for rec in recordings():
+        for stream in capture_records(rec.sse.read_text(), rec.request).values():
+            for record in stream:
+                if dict(record.headers).get(KIND_HEADER) or record.value == b"[DONE]":
+                    continue
+                chunk = json.loads(record.value)
+                assert _chunk_verdicts(chunk) == (None, True, True), (rec.name, record.value[:200])
+                assert type(parse_chunk(record.value)) is ChatCompletionChunk
+                chunks += 1
+    assert chunks > 100
+
+
+AZURE_FILTER_FRAME = {
+    "choices": [],
+    "created": 0,
+    "id": "",
+    "model": "",
+    "object": "",
+    "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}],
+}
+GOOD_CHUNK = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion.chunk",
+    "created": 1,
+    "model": "gpt-4o",
+    "choices": [
+        {
+            "index": 0,
+            "delta": {
+                "role": "assistant",
+                "content": "Hi",
+                "reasoning_content": "hm",
+                "tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "f", "arguments": "{"}}],
+                "provider_extra": [1],
+            },
+            "finish_reason": None,
+            "logprobs": {"content": [{"token": "Hi", "logprob": -0.1}], "refusal": None},
+        }
+    ],
+    "usage": None,
+    "service_tier": "default",
+}
+
+
+@pytest.mark.parametrize(
+    ("chunk", "verdict", "model"),
+    [
+        (GOOD_CHUNK, None, ChatCompletionChunk),
+        ({}, None, ChatCompletionChunk),
+        ({"choices": None, "id": None, "object": None}, None, ChatCompletionChunk),
+        ({"choices": [{"index": 0, "delta": None}], "error": None}, None, ChatCompletionChunk),
+        ({"error": {"message": "overloaded"}, "choices": "not a list"}, None, ErrorFrame),
+        ({"error": "boom", "object": 5}, None, ErrorFrame),
+        (AZURE_FILTER_FRAME, None, NonChunkFrame),
+        ({"object": "chat.completion", "choices": 1}, None, NonChunkFrame),
+        ({"object": 5}, "wrong_type", None),
+        ({"error": 0, "choices": 1}, "wrong_type", None),
+        ({"error": {}, "choices": [{"index": "0"}]}, "wrong_type", None),
+        ({"choices": [{"delta": {}}]}, "wrong_type", None),
+        ({"choices": [{"index": -1}]}, "wrong_type", None),
+        ({"choices": [{"index": 1.5}]}, "wrong_type", None),
+        ({"choices": [{"index": True}]}, "wrong_type", None),
+        ({"choices": [{"index": 0, "delta": {"content": 5}}]}, "wrong_type", None),
+        ({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": -1}]}}]}, "wrong_type", None),
+        (
+            {"choices": [{"index": 0, "delta": {"tool_calls": [{"function": {"name": 1}}]}}]},
+            "wrong_type",
+            None,
+        ),
+        ({"choices": [{"index": 0, "logprobs": {"content": [1]}}]}, "wrong_type", None),
+        ({"choices": [{"index": 0, "finish_reason": 1}]}, "wrong_type", None),
+        ({"created": "1"}, "wrong_type", None),
+        ({"usage": []}, "wrong_type", None),
+        ([GOOD_CHUNK], "not_an_object", None),
+        ("chunk", "not_an_object", None),
+    ],
+)
+def test_the_chunk_schema_accepts_what_the_worker_folds(
+    chunk: Any, verdict: str | None, model: type | None
+) -> None:
+    value = orjson.dumps(chunk)
+    assert worker_verdict(RecordKind.CHUNK, value, _key_of(chunk)) == verdict
+    schema_ok = not errors_of(chunk_schema(), chunk)
+    assert schema_ok is (verdict is None)
+    if model is None:
+        with pytest.raises(ValidationError):
+            parse_chunk(value)
+    else:
+        assert type(parse_chunk(value)) is model
+
+
+def test_integral_floats_are_the_one_thing_json_schema_cannot_refuse() -> None:
+    """JSON Schema takes 1.0 for the integer 1; the worker and the model do not (the schema's
+    description says so)."""
+    chunk = {"choices": [{"index": 1.0}]}
+    assert worker_verdict(RecordKind.CHUNK, orjson.dumps(chunk)) == "wrong_type"
+    with pytest.raises(ValidationError):
+        parse_chunk(orjson.dumps(chunk))
+    assert not errors_of(chunk_schema(), chunk)
+
+
+# Generated chunks: well-typed ones with one value replaced by any JSON value, and ones where any
+# field may hold any JSON value.
+_SCALAR: st.SearchStrategy[Any] = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-2, 2),
+    st.sampled_from([0.5, -1.5]),  # not 1.0: see the test above
+    st.sampled_from(["", "a", CHUNK_OBJECT, "chat.completion"]),
+)
+_ANY: st.SearchStrategy[Any] = st.recursive(
+    _SCALAR,
+    lambda inner: (
+        st.lists(inner, max_size=2) | st.dictionaries(st.sampled_from(["index", "x"]), inner, max_size=2)
+    ),
+    max_leaves=4,
+)
+Field = Callable[[st.SearchStrategy[Any]], st.SearchStrategy[Any]]
+
+
+def _often(good: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Mostly ``good``, sometimes any JSON value."""
+    return st.one_of(good, good, good, _ANY)
+
+
+def _chunks(field: Field) -> st.SearchStrategy[dict[str, Any]]:
+    """Chunks whose fields are drawn from ``field(<a well-typed value>)``, any of them absent."""
+
+    def some_of(fields: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[dict[str, Any]]:
+        return st.fixed_dictionaries({}, optional={**fields, "extra": _ANY})
+
+    text = st.sampled_from(["", "Hi", None])
+    function = some_of({"name": field(text), "arguments": field(text)})
+    call = some_of(
+        {
+            "index": field(st.integers(0, 1) | st.none()),
+            "id": field(st.sampled_from(["call_1", None])),
+            "type": field(st.just("function")),
+            "function": field(function | st.none()),
+        }
+    )
+    delta = some_of(
+        {
+            **{
+                name: field(text) for name in ("role", "content", "refusal", "reasoning_content", "reasoning")
+            },
+            "tool_calls": field(st.lists(field(call), max_size=2) | st.none()),
+        }
+    )
+    tokens = st.lists(field(st.just({"token": "a", "logprob": -0.5})), max_size=2) | st.none()
+    choice = some_of(
+        {
+            "index": field(st.integers(0, 1)),
+            "delta": field(delta | st.none()),
+            "finish_reason": field(st.sampled_from(["stop", None])),
+            "logprobs": field(some_of({"content": field(tokens), "refusal": field(tokens)}) | st.none()),
+        }
+    )
+    return some_of(
+        {
+            "id": field(st.sampled_from(["chatcmpl-1", "", None])),
+            "object": field(st.sampled_from([CHUNK_OBJECT, None])),
+            "created": field(st.just(1) | st.none()),
+            "model": field(text),
+            "system_fingerprint": field(text),
+            "usage": field(st.just({"total_tokens": 1}) | st.none()),
+            "choices": field(st.lists(field(choice), max_size=2) | st.none()),
+            "error": field(st.none()),
+        }
+    )
+
+
+_FIELDS = {
+    "chunk": ("id", "object", "created", "model", "system_fingerprint", "usage", "choices", "error", "extra"),
+    "choice": ("index", "delta", "finish_reason", "logprobs", "extra"),
+    "delta": ("role", "content", "refusal", "reasoning_content", "reasoning", "tool_calls", "extra"),
+    "call": ("index", "id", "type", "function", "extra"),
+    "function": ("name", "arguments", "extra"),
+    "logprobs": ("content", "refusal", "extra"),
+    "token": ("token", "logprob", "extra"),
+}
+_CHILD = {
+    ("chunk", "choices"): "choice",
+    ("choice", "delta"): "delta",
+    ("choice", "logprobs"): "logprobs",
+    ("delta", "tool_calls"): "call",
+    ("call", "function"): "function",
+    ("logprobs", "content"): "token",
+    ("logprobs", "refusal"): "token",
+}
+
+
+def _places(node: dict[str, Any], level: str) -> Iterator[tuple[Any, Sequence[Any]]]:
+    """Every (object or list, its keys or indexes) in a chunk."""
+    yield node, _FIELDS[level]
+    for key, value in node.items():
+        child = _CHILD.get((level, key))
+        if child and isinstance(value, dict):
+            yield from _places(value, child)
+        elif child and isinstance(value, list) and value:
+            yield value, range(len(value))
+            for item in value:
+                yield from _places(item, child)
+
+
+@st.composite
+def _one_value_replaced(draw: st.DrawFn) -> dict[str, Any]:
+    chunk: dict[str, Any] = copy.deepcopy(draw(_chunks(lambda good: good)))
+    container, keys = draw(st.sampled_from(list(_places(chunk, "chunk"))))
+    container[draw(st.sampled_from(keys))] = draw(_ANY)
+    return chunk
+
+
+FULL_CHUNK: dict[str, Any] = {
+    **GOOD_CHUNK,
+    "system_fingerprint": "fp_1",
+    "usage": {"completion_tokens": 1, "prompt_tokens": 2, "total_tokens": 3},
+    "error": None,
+    "choices": [
+        {
+            "index": 0,
+            "delta": {
+                "role": "assistant",
+                "content": "Hi",
+                "refusal": None,
+                "reasoning_content": "hm",
+                "reasoning": None,
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "f", "arguments": "{"},
+                    }
+                ],
+            },
+            "finish_reason": None,
+            "logprobs": {"content": [{"token": "Hi", "logprob": -0.1}], "refusal": [{"token": "no"}]},
+        }
+    ],
+}
+REPLACEMENTS: tuple[Any, ...] = (
+    None,
+    True,
+    False,
+    0,
+    1,
+    -1,
+    0.5,
+    "",
+    "a",
+    CHUNK_OBJECT,
+    [],
+    [1],
+    [{}],
+    {},
+    {"index": 0},
+)
+_DELETE = object()
+
+
+def _single_changes() -> Iterator[tuple[str, Any]]:
+    """FULL_CHUNK with one field (or list item) replaced by each of REPLACEMENTS, or deleted."""
+    for place, (_, keys) in enumerate(_places(FULL_CHUNK, "chunk")):
+        for key in keys:
+            for new in (*REPLACEMENTS, _DELETE):
+                chunk = copy.deepcopy(FULL_CHUNK)
+                container = list(_places(chunk, "chunk"))[place][0]
+                if new is _DELETE:
+                    if isinstance(container, list) or key not in container:
+                        continue
+                    del container[key]
+                else:
+                    container[key] = new
+                yield f"place {place} [{key!r}] = {'deleted' if new is _DELETE else repr(new)}", chunk
+
+
+def test_single_changes_to_a_chunk_get_one_verdict_from_the_worker_the_schema_and_the_model() -> None:
+    verdicts: Counter[str | None] = Counter()
+    disagreements = []
+    for change, chunk in _single_changes():
+        verdict, schema_ok, model_ok = _chunk_verdicts(chunk)
+        verdicts[verdict] += 1
+        folded = verdict is None
+        if verdict != "key_mismatch" and (schema_ok != folded or model_ok != folded):
+            disagreements.append(f"{change}: worker {verdict}, schema {schema_ok}, model {model_ok}")
+    assert not disagreements, "\n".join(disagreements[:20])
+    assert verdicts[None] > 100 and verdicts["wrong_type"] > 100, verdicts
+
+
+@settings(
+    max_examples=int(os.environ.get("CONTRACT_EXAMPLES", "400")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(st.one_of(_one_value_replaced(), _chunks(_often)))
+def test_generated_chunks_get_the_same_verdict_from_the_worker_the_schema_and_the_model(
+    chunk: dict[str, Any],
+) -> None:
+    verdict, schema_ok, model_ok = _chunk_verdicts(chunk)
+    assume(verdict != "key_mismatch")  # a non-string id in a frame: a rule about the key, not the value
+    event(f"worker: {verdict or 'folded'}")
+    assert verdict in (None, "wrong_type")
+    assert schema_ok is (verdict is None), errors_of(chunk_schema(), chunk)
+    assert model_ok is (verdict is None)
+
+
+@pytest.mark.parametrize(
+    ("value", "verdict", "parsed"),
+    [
+        (b"", None, None),
+        (b"  \n", None, None),
+        (b"null", None, None),
+        (b'{"reason": "client gone"}', None, AbortRecord(reason="client gone")),
+        (b"{}", None, AbortRecord()),
+        (
+            b'{"reason": 5, "upstream": {"status": 502}}',
+            None,
+            AbortRecord(reason=5, upstream={"status": 502}),
+        ),
+        (b'"client gone"', "invalid_abort", ...),
+        (b"[]", "invalid_abort", ...),
+        (b"{not json", "invalid_json", ...),
+    ],
+)
+def test_the_abort_schema_accepts_what_the_worker_folds(
+    value: bytes, verdict: str | None, parsed: AbortRecord | None
+) -> None:
+    assert worker_verdict(RecordKind.ABORT, value) == verdict
+    if verdict is None:
+        assert parse_abort(value) == parsed
+        if value.strip():
+            assert not errors_of(abort_schema(), json.loads(value))
+    else:
+        with pytest.raises(ValidationError):
+            parse_abort(value)
+        if verdict != "invalid_json":
+            assert errors_of(abort_schema(), json.loads(value))
+
+
 # -- AsyncAPI ----------------------------------------------------------------------------------------
 
 
@@ -376,6 +780,12 @@ def test_asyncapi_document_describes_the_worker() -> None:
         payload_refs = {json.dumps(m["payload"]) for m in messages(contract.topic)}
         assert any(f"./json/{contract.name}.json" in ref for ref in payload_refs), contract.name
 
+    # Every JSON payload is a generated schema file (no hand-written copy of a record's shape).
+    for name, message in doc["components"]["messages"].items():
+        if message["contentType"] == "application/json":
+            assert set(message["payload"]) == {"schemaFormat", "schema"}, name
+            assert message["payload"]["schema"]["$ref"].startswith("./json/"), name
+
     # Every message is keyed (Kafka key binding, directly or through a trait).
     for name, message in doc["components"]["messages"].items():
         bindings = [message.get("bindings", {})] + [
@@ -451,6 +861,8 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("schemas"))))
         "schemas.events",
         "schemas.deadletter",
         "schemas.request",
+        "schemas.chunk",
+        "schemas.abort",
         "schemas.generate",
     } <= loaded
 
