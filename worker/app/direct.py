@@ -17,6 +17,12 @@ This driver keeps Faust's contract and storage format but drives batches itself:
   offsets. So state never gets ahead of the outputs it covers, a committed offset never passes
   a record whose outputs or state are not durable, and processing does not stop for the
   round trips. Checkpoints are strictly sequential; a rebalance or shutdown waits for them.
+* local copy (``CHUNKFOLD_STORE=rocksdb://``; ``memory://`` keeps none): once a checkpoint's
+  state writes are acknowledged, the same writes go to a RocksDB database on the worker's
+  volume (``worker/app/local_state.py``) together with, per changelog partition, the offset
+  after them. A restart or a partition coming back loads those entries and reads the
+  changelog only from that offset on (Kafka Streams' checkpoint model); a checkpoint too old
+  for the changelog's tombstones, or outside its offsets, means a full read as without it.
 
 A delivery failure stops the worker (non-zero exit) without committing: the records are
 redelivered to whoever owns the partitions next, and the replay rules make that idempotent.
@@ -31,17 +37,22 @@ import logging
 import signal
 import time
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.partitioner import murmur2
 
-from worker.app.metrics import METRICS_CONTENT_TYPE
+from worker.app.metrics import METRICS_CONTENT_TYPE, render
 from worker.app.processor import FlushBatch, MemoryStore, Processor
 from worker.config import Settings
 from worker.kafka_io import ensure_topics
+
+if TYPE_CHECKING:
+    from worker.app.local_state import LocalState
 
 log = logging.getLogger("chunkfold.worker")
 BATCH_MAX_RECORDS = 2_000
@@ -60,11 +71,47 @@ PARTITION_CACHE_SIZE = 100_000
 PRODUCER_BATCH_BYTES = 512 * 1024
 """aiokafka keeps one open batch per partition and makes ``send`` wait while it is full, for
 a whole produce round trip; completion-done records and state segments are kilobytes each."""
+CHANGELOG_DELETE_RETENTION_MS = 86_400_000
+"""``delete.retention.ms`` of the changelog when this driver creates it (Kafka's default, set
+explicitly): compaction may remove a tombstone once it is that old."""
+RESTORE_YIELD_EVERY = 10_000
+"""Entries loaded from the local copy between two yields to the event loop (heartbeats)."""
+
+
+def local_checkpoint_max_age_s(delete_retention_ms: int) -> float:
+    """How old a local checkpoint may be and still be used: half the changelog's
+    ``delete.retention.ms``. A tombstone written after the checkpoint stays in the changelog
+    at least that long, so the tail read from the checkpoint still deletes what it deleted
+    (the other half is margin for clock differences and the time a restore takes)."""
+    return delete_retention_ms / 2000
 
 
 def changelog_topic(settings: Settings) -> str:
     """The state changelog: the same topic a Faust table named ``state`` uses."""
     return f"{settings.app_id}-state-changelog"
+
+
+async def changelog_delete_retention_ms(servers: str, topic: str) -> int | None:
+    """The topic's ``delete.retention.ms`` as the brokers report it; None when it cannot be read."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=servers)
+    try:
+        await admin.start()
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, {"delete.retention.ms": None})]
+        )
+        for response in responses:
+            for resource in response.resources:
+                error_code, entries = resource[0], resource[4]
+                if error_code != 0:
+                    continue
+                for entry in entries:
+                    if entry[0] == "delete.retention.ms" and entry[1] is not None:
+                        return int(entry[1])
+    except (KafkaError, OSError, ValueError, IndexError, TypeError) as exc:
+        log.warning("describing %s failed: %r", topic, exc)
+    finally:
+        await admin.close()
+    return None
 
 
 class ChangelogStore(MemoryStore):
@@ -144,6 +191,10 @@ class BatchSender:
         self.progress = asyncio.Condition()
         self.error: BaseException | None = None
         self.task: asyncio.Task[None] | None = None
+        self.tracked_topic: str | None = None
+        """Batches of this topic are also kept with their partition and future for
+        ``take_tracked`` (the driver's local copy derives changelog offsets from them)."""
+        self.tracked: list[tuple[int, Any, asyncio.Future[Any]]] = []
 
     async def start(self, topics: Iterable[str]) -> None:
         for topic in topics:
@@ -165,8 +216,9 @@ class BatchSender:
         *,
         headers: list[tuple[str, bytes]] | None = None,
         timestamp_ms: int | None = None,
-    ) -> None:
-        """Append a record (``partition`` None: the key's); it is sent after the next ``kick``."""
+    ) -> Any:
+        """Append a record (``partition`` None: the key's); it is sent after the next ``kick``.
+        Returns the batch it joined."""
         if partition is None:
             partition = self._partition(topic, key)
         tp = (topic, partition)
@@ -180,6 +232,7 @@ class BatchSender:
             self.new.append((tp, batch))
             if batch.append(timestamp=timestamp_ms, key=key, value=value, headers=headers) is None:
                 raise ValueError(f"a record of {len(value or b'')} bytes does not fit a batch")
+        return batch
 
     def _partition(self, topic: str, key: bytes) -> int:
         count = self.partition_counts[topic]
@@ -217,7 +270,10 @@ class BatchSender:
         of one partition go out in the order they were opened)."""
         batches, self.new = self.new, []
         for (topic, partition), batch in batches:
-            self.in_flight.append(await self.producer.send_batch(batch, topic, partition=partition))
+            future = await self.producer.send_batch(batch, topic, partition=partition)
+            self.in_flight.append(future)
+            if topic == self.tracked_topic:
+                self.tracked.append((partition, batch, future))
 
     async def take(self, mark: int) -> list[asyncio.Future[Any]]:
         """Wait until everything built before ``kick`` returned ``mark`` is handed to the
@@ -229,6 +285,12 @@ class BatchSender:
             raise self.error
         in_flight, self.in_flight = self.in_flight, []
         return in_flight
+
+    def take_tracked(self) -> list[tuple[int, Any, asyncio.Future[Any]]]:
+        """(partition, batch, future) of every batch of ``tracked_topic`` handed over since the
+        last call."""
+        tracked, self.tracked = self.tracked, []
+        return tracked
 
 
 class DirectWorker:
@@ -249,6 +311,11 @@ class DirectWorker:
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.sender: BatchSender | None = None
+        self.local: LocalState | None = None
+        """The local copy of the state (``rocksdb://`` store), None without one."""
+        self.local_max_age_s = 0.0
+        self.restored_local_entries = 0
+        self.restored_changelog_records = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -260,8 +327,10 @@ class DirectWorker:
             [self.changelog],
             s.partitions,
             s.replication_factor,
-            configs={"cleanup.policy": "compact"},
+            configs={"cleanup.policy": "compact", "delete.retention.ms": str(CHANGELOG_DELETE_RETENTION_MS)},
         )
+        if s.store.startswith("rocksdb://"):
+            await self._open_local()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -286,6 +355,8 @@ class DirectWorker:
         await self.producer.start()
         self.sender = BatchSender(self.producer)
         await self.sender.start((s.events_topic, s.done_topic, s.deadletter_topic))
+        if self.local is not None:
+            self.sender.tracked_topic = self.changelog
         await self.consumer.start()
         # Everything allocated so far (modules, clients) lives as long as the process: move it out
         # of the collector's reach, so that a full collection walks only the completions' state
@@ -303,9 +374,56 @@ class DirectWorker:
             await self.sender.stop()
             await self.consumer.stop()
             await self.producer.stop()
+            if self.local is not None:
+                self.local.close()
             if web_runner is not None:
                 await web_runner.cleanup()
             log.info("worker stopped")
+
+    async def _open_local(self) -> None:
+        """Open the local copy, and take its checkpoints' age limit from the changelog's
+        ``delete.retention.ms`` as the brokers report it (a topic created elsewhere may set
+        its own; when it cannot be read, no checkpoint is trusted)."""
+        try:
+            from worker.app.local_state import LocalState, local_state_path
+        except ImportError as exc:
+            raise RuntimeError(
+                f"CHUNKFOLD_STORE={self.settings.store} needs rocksdict (pip install 'chunkfold[rocksdb]')"
+            ) from exc
+
+        path = local_state_path(self.settings)
+        self.local = LocalState(path)
+        retention_ms = await changelog_delete_retention_ms(self.settings.bootstrap_servers, self.changelog)
+        if retention_ms is None:
+            log.warning(
+                "could not read delete.retention.ms of %s: the local state at %s is kept but every "
+                "restore reads the changelog from the beginning",
+                self.changelog,
+                path,
+            )
+            self.local_max_age_s = 0.0
+        else:
+            self.local_max_age_s = local_checkpoint_max_age_s(retention_ms)
+            log.info(
+                "local state at %s; its checkpoints are used up to %.0f s old (changelog "
+                "delete.retention.ms %d)",
+                path,
+                self.local_max_age_s,
+                retention_ms,
+            )
+
+    def _lose_local(self, exc: BaseException) -> None:
+        """A local write failed: keep running without the local copy. What it holds stays
+        consistent (entries and checkpoint are written in one batch), so the next start reads
+        the changelog from its last good checkpoint."""
+        log.error("writing the local state failed (%r); continuing without it", exc)
+        local, self.local = self.local, None
+        if self.sender is not None:
+            self.sender.tracked_topic = None
+            self.sender.tracked = []
+        if local is not None:
+            with contextlib.suppress(Exception):
+                local.close()
 
     async def _loop(self) -> None:
         assert self.consumer is not None
@@ -404,16 +522,46 @@ class DirectWorker:
         if not await self._delivered(checkpoint.mark):
             return
         self.processor.apply(checkpoint.flush)
-        for partition, key, value in self.store.take_outbox():
-            self.sender.add(self.changelog, key.encode("utf-8"), value, partition)
+        written = self.store.take_outbox()
+        counts: dict[Any, int] = {}
+        """Changelog records per batch (for the local copy's offsets)."""
+        stamp = time.time()  # before any of these records can reach the changelog
+        for partition, key, value in written:
+            batch = self.sender.add(self.changelog, key.encode("utf-8"), value, partition)
+            if self.local is not None:
+                counts[batch] = counts.get(batch, 0) + 1
         if not await self._delivered(self.sender.kick()):
             return
+        if self.local is not None and written:
+            self._keep_locally(written, counts, stamp)
         if not checkpoint.offsets:
             return
         try:
             await self.consumer.commit(checkpoint.offsets)
         except (KafkaError, IllegalStateError) as exc:
             log.warning("offset commit failed (%r); the records will be redelivered", exc)
+
+    def _keep_locally(
+        self, written: list[tuple[int, str, bytes | None]], counts: dict[Any, int], stamp: float
+    ) -> None:
+        """Apply acknowledged changelog writes to the local copy, with each written partition's
+        new checkpoint: the offset after its last batch (its base offset from the broker's
+        acknowledgement plus the records in it). This worker is the partition's only writer
+        while it owns it, and everything before that batch is either already local or a
+        retried duplicate of these writes, so the entries reflect the changelog up to there."""
+        assert self.local is not None and self.sender is not None
+        ends: dict[int, int] = {}
+        for partition, batch, future in self.sender.take_tracked():
+            count = counts.get(batch)
+            metadata = future.result()
+            if count is None or metadata is None or metadata.offset is None or metadata.offset < 0:
+                continue  # not one of these writes, or no offset reported: the checkpoint stays
+            ends[partition] = max(ends.get(partition, 0), metadata.offset + count)
+        items = [w for w in written if w[0] in ends]
+        try:
+            self.local.write(items, ends, stamp)
+        except Exception as exc:
+            self._lose_local(exc)
 
     async def _delivered(self, mark: int) -> bool:
         """Wait until the batches built before ``mark`` are handed over and every batch handed
@@ -475,9 +623,13 @@ class DirectWorker:
         log.info("partitions assigned: %s; %d stored completions loaded", new, loaded)
 
     async def _restore(self, partitions: list[int]) -> None:
-        """Read the changelog of ``partitions`` from the start to its end into the store."""
+        """Read the state of ``partitions`` into the store: from the local copy plus the
+        changelog from its checkpoint on, where the local copy has a usable checkpoint;
+        otherwise the changelog from its beginning to its end. Then bring the local copy up to
+        what was read."""
         if not partitions:
             return
+        local = self.local
         self.store.drop(partitions)
         reader = AIOKafkaConsumer(
             bootstrap_servers=self.settings.bootstrap_servers, group_id=None, enable_auto_commit=False
@@ -486,20 +638,97 @@ class DirectWorker:
         try:
             tps = [TopicPartition(self.changelog, p) for p in partitions]
             reader.assign(tps)
-            await reader.seek_to_beginning(*tps)
-            ends = await reader.end_offsets(tps)
-            todo = {tp for tp in tps if ends[tp] > await reader.position(tp)}
+            started_at = time.time()  # before any record after what is read can be appended
+            from_local: dict[int, int] = {}
+            notes: dict[int, str] = {}
+            if local is None:
+                await reader.seek_to_beginning(*tps)
+                ends = await reader.end_offsets(tps)
+            else:
+                ends = await reader.end_offsets(tps)
+                await self._load_local(local, reader, tps, ends, started_at, from_local, notes)
+            first = {tp: await reader.position(tp) for tp in tps}
+            read = dict.fromkeys(partitions, 0)
+            changed: dict[int, dict[str, bytes | None]] = {p: {} for p in partitions}
+            todo = {tp for tp in tps if ends[tp] > first[tp]}
             while todo:
                 batch = await reader.getmany(*todo, timeout_ms=500)
                 for tp, messages in batch.items():
+                    read[tp.partition] += len(messages)
+                    seen = changed[tp.partition]
                     for m in messages:
                         if m.key is not None:
-                            self.store.load(tp.partition, m.key.decode("utf-8"), m.value)
+                            key = m.key.decode("utf-8")
+                            self.store.load(tp.partition, key, m.value)
+                            if local is not None:
+                                seen[key] = m.value
                 for tp in list(todo):
                     if await reader.position(tp) >= ends[tp]:
                         todo.discard(tp)
+            last = {tp.partition: await reader.position(tp) for tp in tps}
         finally:
             await reader.stop()
+        if local is not None:
+            full = [p for p in partitions if p not in from_local]
+            items = [
+                (p, key, value)
+                for p in partitions
+                for key, value in changed[p].items()
+                if value is not None or p in from_local
+            ]
+            try:
+                local.write(items, last, started_at, wipe=full)
+            except Exception as exc:
+                self._lose_local(exc)
+        self.restored_local_entries += sum(from_local.values())
+        self.restored_changelog_records += sum(read.values())
+        restored = set(partitions)
+        log.info(
+            "restored partitions %s: %d entries from local state, %d changelog records read, "
+            "%d entries held (%s)",
+            partitions,
+            sum(from_local.values()),
+            sum(read.values()),
+            sum(1 for p in self.store.partition_of.values() if p in restored),
+            "; ".join(
+                f"p{tp.partition}: {read[tp.partition]} from offset {first[tp]}"
+                + (f" ({notes[tp.partition]})" if tp.partition in notes else "")
+                + f" to {last[tp.partition]}"
+                for tp in tps
+            ),
+        )
+
+    async def _load_local(
+        self,
+        local: LocalState,
+        reader: AIOKafkaConsumer,
+        tps: list[TopicPartition],
+        ends: dict[TopicPartition, int],
+        now: float,
+        loaded: dict[int, int],
+        notes: dict[int, str],
+    ) -> None:
+        """Load the local entries of each partition of ``tps`` with a usable checkpoint into the
+        store and position ``reader`` at the checkpoint; the others at the changelog's
+        beginning. Fills ``loaded`` (partition: entries loaded from the local copy) and
+        ``notes`` (partition: where its read starts, and why)."""
+        begins = await reader.beginning_offsets(tps)
+        for tp in tps:
+            checkpoint, why = local.usable(
+                tp.partition, begin=begins[tp], end=ends[tp], now=now, max_age_s=self.local_max_age_s
+            )
+            notes[tp.partition] = why
+            if checkpoint is None:
+                reader.seek(tp, begins[tp])
+                continue
+            count = 0
+            for key, value in local.entries(tp.partition):
+                self.store.load(tp.partition, key, value)
+                count += 1
+                if count % RESTORE_YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+            loaded[tp.partition] = count
+            reader.seek(tp, checkpoint.offset)
 
     # -- web ------------------------------------------------------------------------------
 
@@ -523,7 +752,22 @@ class DirectWorker:
         return None if value is None else int(value)
 
     async def _metrics(self, _request: web.Request) -> web.Response:
-        body = self.processor.metrics_text(self._highwater)
+        body = self.processor.metrics_text(self._highwater) + render(
+            counters={
+                "chunkfold_restore_local_entries_total": (
+                    "state entries loaded from the local copy when partitions were assigned",
+                    self.restored_local_entries,
+                    "",
+                ),
+                "chunkfold_restore_changelog_records_total": (
+                    "state changelog records read when partitions were assigned",
+                    self.restored_changelog_records,
+                    "",
+                ),
+            },
+            gauges={},
+            histograms={},
+        )
         return web.Response(text=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def _healthz(self, _request: web.Request) -> web.Response:
