@@ -36,6 +36,8 @@ from dockerfile_parse import DockerfileParser
 
 from tests.unit.npm_tools import run_node
 from worker import synthetic
+from worker.app.direct import keeps_local_state
+from worker.app.local_state import local_state_path
 from worker.config import Settings
 from worker.core.records import KIND_HEADER, SEQ_HEADER
 
@@ -247,7 +249,7 @@ def test_statefulset_wiring() -> None:
     assert mounts[claim["metadata"]["name"]] == configmap["data"]["CHUNKFOLD_DATA_DIR"] == "/data"
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
 
-    # Long enough for Faust's graceful shutdown: many commit intervals.
+    # Long enough for the graceful shutdown (a last checkpoint, RocksDB closed): many commit intervals.
     commit_interval = float(configmap["data"]["CHUNKFOLD_COMMIT_INTERVAL_S"])
     assert pod["terminationGracePeriodSeconds"] >= max(30, 20 * commit_interval)
 
@@ -491,6 +493,18 @@ def exec_form(value: str) -> list[str] | None:
     return parsed if isinstance(parsed, list) and all(isinstance(a, str) for a in parsed) else None
 
 
+def dockerfile_env(text: str) -> dict[str, str]:
+    """The ENV of the image's final stage."""
+    env = {}
+    for item in final_stage(text):
+        if item["instruction"] == "ENV":
+            for token in shlex.split(str(item["value"])):
+                if "=" in token:
+                    name, _, value = token.partition("=")
+                    env[name] = value
+    return env
+
+
 def dockerfile_problems(text: str) -> list[str]:
     """What is wrong with ``text`` as chunkfold's image (empty when nothing is)."""
     problems = []
@@ -513,12 +527,7 @@ def dockerfile_problems(text: str) -> list[str]:
     cmd = values("CMD")
     if not cmd or exec_form(cmd[-1]) != ["worker"]:
         problems.append(f'CMD must be ["worker"] (exec form): {cmd}')
-    env = {}
-    for value in values("ENV"):
-        for token in shlex.split(value):
-            if "=" in token:
-                name, _, item = token.partition("=")
-                env[name] = item
+    env = dockerfile_env(text)
     if env.get("CHUNKFOLD_STORE") != "rocksdb://" or env.get("CHUNKFOLD_DATA_DIR") != "/data":
         problems.append("ENV must set CHUNKFOLD_STORE=rocksdb:// and CHUNKFOLD_DATA_DIR=/data")
     if unknown := {n for n in env if n.startswith("CHUNKFOLD_")} - SETTINGS_ENV:
@@ -560,6 +569,56 @@ def test_dockerfile_check_rejects_broken_variants(what: str, old: str, new: str)
     text = DOCKERFILE.read_text()
     assert old in text, f"{what}: {old!r} not in the Dockerfile"
     assert dockerfile_problems(text.replace(old, new)), what
+
+
+def table_state_dir(settings: Settings) -> Path | None:
+    """Where the configured driver keeps table state on disk (None: in memory only), as the
+    worker decides it."""
+    if settings.driver == "direct":
+        return local_state_path(settings) if keeps_local_state(settings) else None
+    if settings.driver == "faust":  # Faust's RocksDB tables live under its datadir
+        return Path(settings.data_dir) if settings.store.startswith("rocksdb://") else None
+    return None
+
+
+def worker_environments() -> dict[str, dict[str, str]]:
+    """The settings each deployment gives a worker: the image's ENV, then the ConfigMap's
+    (Kubernetes) or the service's environment (Compose) on top."""
+    image = {k: v for k, v in dockerfile_env(DOCKERFILE.read_text()).items() if k in SETTINGS_ENV}
+    services = compose()["services"]
+    return {
+        "Dockerfile": image,
+        "k8s ConfigMap": {**image, **configmap_env()},
+        **{
+            f"compose {name}": {**image, **services[name]["environment"]} for name in ("worker-1", "worker-2")
+        },
+    }
+
+
+def test_the_configured_driver_keeps_its_table_state_on_the_volume(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The volume every deployment declares at /data holds something: the driver each one
+    runs, with the store each one sets, keeps its table state under /data."""
+    volume = Path("/data")
+    for where, env in worker_environments().items():
+        settings = settings_from(env, monkeypatch)
+        assert settings.driver in ("direct", "faust"), where
+        state = table_state_dir(settings)
+        assert state is not None, (
+            f"{where}: driver {settings.driver} with {settings.store} keeps state in memory"
+        )
+        assert state == volume or volume in state.parents, f"{where}: state at {state}, not on {volume}"
+    # and the check notices a deployment whose state would stay in memory
+    for broken in (
+        {"CHUNKFOLD_STORE": "memory://"},
+        {"CHUNKFOLD_DRIVER": "faust", "CHUNKFOLD_STORE": "memory://"},
+    ):
+        settings = settings_from({**worker_environments()["k8s ConfigMap"], **broken}, monkeypatch)
+        assert table_state_dir(settings) is None, broken
+    settings = settings_from(
+        {**worker_environments()["k8s ConfigMap"], "CHUNKFOLD_DATA_DIR": "/tmp"}, monkeypatch
+    )
+    elsewhere = table_state_dir(settings)
+    assert elsewhere is not None and volume not in elsewhere.parents
 
 
 def dockerfile_uid() -> int:

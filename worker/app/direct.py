@@ -91,6 +91,12 @@ def changelog_topic(settings: Settings) -> str:
     return f"{settings.app_id}-state-changelog"
 
 
+def keeps_local_state(settings: Settings) -> bool:
+    """Whether this driver keeps a local copy of its state (in ``data_dir``): with a
+    ``rocksdb://`` store; ``memory://`` (the default) opens no local database."""
+    return settings.store.startswith("rocksdb://")
+
+
 async def changelog_delete_retention_ms(servers: str, topic: str) -> int | None:
     """The topic's ``delete.retention.ms`` as the brokers report it; None when it cannot be read."""
     admin = AIOKafkaAdminClient(bootstrap_servers=servers)
@@ -329,7 +335,7 @@ class DirectWorker:
             s.replication_factor,
             configs={"cleanup.policy": "compact", "delete.retention.ms": str(CHANGELOG_DELETE_RETENTION_MS)},
         )
-        if s.store.startswith("rocksdb://"):
+        if keeps_local_state(s):
             await self._open_local()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
