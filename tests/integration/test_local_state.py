@@ -130,7 +130,7 @@ def stopped_mid_stream_then_restarted(
     assert first.restore() == Restore(0, 0, 0)  # a new changelog
     producer = BackgroundProducer(settings, records, rate=600)
     producer.start()
-    time.sleep(3)
+    wait_for(lambda: producer.sent >= len(records) // 3, 60, "a third of the records published")
     stopped_at = time.time()
     if kill:
         first.kill()
