@@ -28,6 +28,9 @@ class Settings:
     bootstrap_servers: str = field(default_factory=lambda: os.environ.get("KAFKA_BOOTSTRAP_SERVERS", ""))
     app_id: str = "chunkfold"
     driver: str = "direct"
+    processing_guarantee: str = "at_least_once"
+    """``at_least_once`` (idempotent, de-duplicable outputs) or ``exactly_once`` (direct driver:
+    Kafka transactions; consumers read with ``isolation.level=read_committed``)."""
     input_topic: str = "completion-chunks"
     events_topic: str = "completion-events"
     done_topic: str = "completion-done"

@@ -57,7 +57,8 @@ async def sleep_until(deadline: float) -> None:
 
 
 def output_consumer(settings: Settings, *, from_beginning: bool) -> AIOKafkaConsumer:
-    """A group-less consumer of the three output topics (events, done, dead letters)."""
+    """A group-less consumer of the three output topics (events, done, dead letters); it reads
+    committed records only (with ``exactly_once`` a crashed checkpoint's records never show)."""
     return AIOKafkaConsumer(
         settings.events_topic,
         settings.done_topic,
@@ -66,4 +67,5 @@ def output_consumer(settings: Settings, *, from_beginning: bool) -> AIOKafkaCons
         auto_offset_reset="earliest" if from_beginning else "latest",
         group_id=None,
         enable_auto_commit=False,
+        isolation_level="read_committed",
     )

@@ -29,9 +29,11 @@ from tests.harness import (
     wait_for,
     wait_group_stable,
 )
+from worker.config import Settings
 from worker.gateway import GatewayRecord
 
 pytestmark = pytest.mark.fault
+GUARANTEES = ("at_least_once", "exactly_once")
 REPORT_DIR = ROOT / ".cache" / "reliability"
 METRIC_FAMILIES = (
     "chunkfold_records_in_total",
@@ -68,6 +70,7 @@ def completion_delays(got: Collected, producer: BackgroundProducer, since: float
 
 def check_and_report(
     name: str,
+    settings: Settings,
     got: Collected,
     records: list[GatewayRecord],
     completions: int,
@@ -79,7 +82,8 @@ def check_and_report(
     Recovery is how long the faults held completions up: the longest time from a completion's
     last record being published to its completion-done, over the completions whose last record
     went out from 2 s before the first fault on (a completion finishing with its partition
-    stalled waits for the whole stall)."""
+    stalled waits for the whole stall). With ``exactly_once`` nothing may repeat at all (the
+    collector reads committed records only)."""
     in_flight = [producer.in_flight_at(at) for _, at in faults]
     assert min(in_flight) >= MIN_IN_FLIGHT, f"only {in_flight} completions in flight at the faults"
     assert_matches_reference(got, offline_reference(records))
@@ -87,6 +91,9 @@ def check_and_report(
     recovery = max(completion_delays(got, producer, first_fault - 2))
     assert recovery < MAX_RECOVERY_S, f"completions held up {recovery:.1f} s by the fault"
     done_repeats, event_repeats = got.repeats()
+    if settings.processing_guarantee == "exactly_once":
+        assert (done_repeats, event_repeats) == (0, 0), "exactly_once repeated records"
+        name += " [exactly_once]"
     write_report(
         name,
         completions=completions,
@@ -101,10 +108,13 @@ def check_and_report(
     )
 
 
-def test_worker_kill_9_and_restart(kafka: str, tmp_path: Path, workers: list[WorkerProcess]) -> None:
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_worker_kill_9_and_restart(
+    kafka: str, tmp_path: Path, workers: list[WorkerProcess], guarantee: str
+) -> None:
     """kill -9, restart; once the restarted worker owns the partitions again (the group has
     dropped the dead member), kill -9 it again and restart."""
-    settings = fresh_settings(kafka)
+    settings = fresh_settings(kafka, processing_guarantee=guarantee)
     records, completions = recorded_records(repeat=24)
     start_workers(settings, 1, tmp_path, workers)
     producer = BackgroundProducer(settings, records, rate=1200)
@@ -121,11 +131,14 @@ def test_worker_kill_9_and_restart(kafka: str, tmp_path: Path, workers: list[Wor
         time.sleep(3)
     producer.finish()
     got = collect(settings, done_count(completions), timeout=240)
-    check_and_report("worker kill -9 (x2)", got, records, completions, producer, faults)
+    check_and_report("worker kill -9 (x2)", settings, got, records, completions, producer, faults)
 
 
-def test_rebalance_1_to_3_to_1(kafka: str, tmp_path: Path, workers: list[WorkerProcess]) -> None:
-    settings = fresh_settings(kafka, partitions=6)
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_rebalance_1_to_3_to_1(
+    kafka: str, tmp_path: Path, workers: list[WorkerProcess], guarantee: str
+) -> None:
+    settings = fresh_settings(kafka, partitions=6, processing_guarantee=guarantee)
     records, completions = recorded_records(repeat=16)
     start_workers(settings, 1, tmp_path, workers)
     producer = BackgroundProducer(settings, records, rate=700)
@@ -143,7 +156,7 @@ def test_rebalance_1_to_3_to_1(kafka: str, tmp_path: Path, workers: list[WorkerP
     producer.finish()
     got = collect(settings, done_count(completions), timeout=240)
     assert workers[0].alive
-    check_and_report("rebalance 1 -> 3 -> 1 workers", got, records, completions, producer, faults)
+    check_and_report("rebalance 1 -> 3 -> 1 workers", settings, got, records, completions, producer, faults)
 
 
 def test_switching_between_the_faust_and_direct_drivers_mid_stream(
@@ -180,8 +193,11 @@ def own_broker(tmp_path: Path) -> Iterator[Any]:
         broker.close()
 
 
-def test_broker_restart(own_broker: Any, tmp_path: Path, workers: list[WorkerProcess]) -> None:
-    settings = fresh_settings(own_broker.bootstrap)
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_broker_restart(
+    own_broker: Any, tmp_path: Path, workers: list[WorkerProcess], guarantee: str
+) -> None:
+    settings = fresh_settings(own_broker.bootstrap, processing_guarantee=guarantee)
     records, completions = recorded_records(repeat=8)
     start_workers(settings, 1, tmp_path, workers)
     producer = BackgroundProducer(settings, records, rate=1200)
@@ -194,7 +210,7 @@ def test_broker_restart(own_broker: Any, tmp_path: Path, workers: list[WorkerPro
     producer.finish()
     got = collect(settings, done_count(completions), timeout=240)
     assert workers[0].alive, workers[0].log_tail()
-    check_and_report("broker restart", got, records, completions, producer, faults)
+    check_and_report("broker restart", settings, got, records, completions, producer, faults)
 
 
 def test_abandoned_streams_expire_and_state_stays_flat(
@@ -347,4 +363,4 @@ def test_failover_of_the_leading_broker(cluster: Any, tmp_path: Path, workers: l
     producer.finish()
     got = collect(settings, done_count(completions), timeout=240)
     assert workers[0].alive, workers[0].log_tail()
-    check_and_report("broker failover (3 nodes, RF 3)", got, records, completions, producer, faults)
+    check_and_report("broker failover (3 nodes, RF 3)", settings, got, records, completions, producer, faults)

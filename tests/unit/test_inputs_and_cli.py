@@ -109,3 +109,23 @@ def test_kafka_format_interleaves_completions(tmp_path: Path) -> None:
     for key in ("a", "b"):
         seqs = [r["value"]["seq"] for r in records if r["topic"] == "completion-events" and r["key"] == key]
         assert seqs == list(range(len(seqs))) and seqs
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--driver", "faust", "--processing-guarantee", "exactly_once"],
+            "exactly_once needs the direct driver",
+        ),
+        (["--processing-guarantee", "twice"], "invalid choice"),
+    ],
+)
+def test_worker_refuses_a_guarantee_it_cannot_give(args: list[str], message: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "worker", "--bootstrap-servers", "127.0.0.1:1", *args],
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr.decode()

@@ -48,6 +48,7 @@ from aiokafka.partitioner import murmur2
 
 from worker.app.metrics import METRICS_CONTENT_TYPE, render
 from worker.app.processor import FlushBatch, MemoryStore, Processor
+from worker.app.transactions import PartitionTransactions
 from worker.config import Settings
 from worker.kafka_io import ensure_topics
 
@@ -322,6 +323,10 @@ class DirectWorker:
         self.local_max_age_s = 0.0
         self.restored_local_entries = 0
         self.restored_changelog_records = 0
+        self.transactions: PartitionTransactions | None = None
+        """``exactly_once``: the owned partitions' transactional producers (outputs, state and
+        offsets committed together per checkpoint); None: at least once, checkpoints settled
+        in order (outputs, then state, then offsets)."""
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -335,7 +340,13 @@ class DirectWorker:
             s.replication_factor,
             configs={"cleanup.policy": "compact", "delete.retention.ms": str(CHANGELOG_DELETE_RETENTION_MS)},
         )
-        if keeps_local_state(s):
+        if s.processing_guarantee == "exactly_once":
+            self.transactions = PartitionTransactions(
+                s.bootstrap_servers, s.app_id, s.input_topic, PRODUCER_REQUEST_TIMEOUT_MS
+            )
+            if keeps_local_state(s):
+                log.warning("exactly_once keeps no local state copy: assignments read the whole changelog")
+        elif keeps_local_state(s):
             await self._open_local()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -380,6 +391,8 @@ class DirectWorker:
             await self.sender.stop()
             await self.consumer.stop()
             await self.producer.stop()
+            if self.transactions is not None:
+                await self.transactions.close()
             if self.local is not None:
                 self.local.close()
             if web_runner is not None:
@@ -449,7 +462,10 @@ class DirectWorker:
                         if tp.partition in self.processor.assigned:
                             await self._process(tp.partition, messages)
                     if self._checkpoint_due():
-                        self._start_checkpoint()  # it settles while the next batches are processed
+                        if self.transactions is not None:
+                            await self._commit_transactions()
+                        else:
+                            self._start_checkpoint()  # it settles while the next batches are processed
         finally:
             stop.cancel()
 
@@ -473,8 +489,12 @@ class DirectWorker:
             )
             metrics.processing_latency_s.observe(time.perf_counter() - started)
             if outputs:
-                for o in outputs:
-                    add(o.topic, o.key, o.value)
+                if self.transactions is None:
+                    for o in outputs:
+                        add(o.topic, o.key, o.value)
+                else:
+                    for o in outputs:
+                        await self.transactions.send(partition, o.topic, o.key, o.value)
                 if m.timestamp is not None:
                     metrics.end_to_end_latency_s.observe(max(0.0, time.time() - m.timestamp / 1000))
             if n % HAND_OVER_EVERY == 0:
@@ -493,9 +513,41 @@ class DirectWorker:
     async def _checkpoint(self) -> None:
         """Make everything processed so far durable, then commit its offsets; waits for both.
         Call holding ``lock``."""
+        if self.transactions is not None:
+            await self._commit_transactions()
+            return
         await self._settled()
         self._start_checkpoint()
         await self._settled()
+
+    async def _commit_transactions(self) -> None:
+        """The ``exactly_once`` checkpoint: sweep, add the expired completions' outputs and every
+        changed completion's state writes to their partitions' transactions, and commit each
+        with its next input offset. Processing waits for it (a partition's next transaction
+        cannot begin before this one is committed). Call holding ``lock``. A failed commit stops
+        the worker: what was not committed is aborted and redone by the next owner."""
+        transactions = self.transactions
+        assert transactions is not None
+        if self.failure is not None:
+            raise self.failure
+        self.last_checkpoint = time.monotonic()
+        processor = self.processor
+        try:
+            for o in processor.sweep():
+                await transactions.send(
+                    processor.tracked[o.key.decode("utf-8")].partition, o.topic, o.key, o.value
+                )
+            processor.apply(processor.capture())
+            for partition, key, value in self.store.take_outbox():
+                await transactions.send(
+                    partition, self.changelog, key.encode("utf-8"), value, to_partition=partition
+                )
+            offsets = {p: o for p, o in self.next_offsets.items() if p in processor.assigned}
+            await transactions.commit(offsets, self.settings.app_id)
+        except Exception as exc:
+            self.failure = DeliveryFailed(f"committing a transaction failed: {exc!r}")
+            self.stopping.set()
+            raise self.failure from exc
 
     def _start_checkpoint(self) -> None:
         """Capture now; settle in the background (``settling``). Call holding ``lock``."""
@@ -613,6 +665,8 @@ class DirectWorker:
             self.store.drop(partitions)
             for p in partitions:
                 self.next_offsets.pop(p, None)
+            if self.transactions is not None:
+                await self.transactions.release(partitions)
         if partitions:
             log.info("partitions revoked: %s", sorted(partitions))
 
@@ -621,6 +675,10 @@ class DirectWorker:
             new = sorted(set(partitions) - self.processor.assigned)
             self.restoring = True
             try:
+                if self.transactions is not None:
+                    # Fence the partitions' previous owners first: their open transactions are
+                    # aborted, so the state read back next is final.
+                    await self.transactions.own(new)
                 await self._restore(new)
             finally:
                 self.restoring = False
@@ -638,7 +696,10 @@ class DirectWorker:
         local = self.local
         self.store.drop(partitions)
         reader = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap_servers, group_id=None, enable_auto_commit=False
+            bootstrap_servers=self.settings.bootstrap_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
         )
         await reader.start()
         try:

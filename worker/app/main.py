@@ -11,6 +11,8 @@ from typing import Any
 
 from worker.config import Settings
 
+GUARANTEES = ("at_least_once", "exactly_once")
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser("worker", help="run a worker of the chunkfold consumer group")
@@ -20,6 +22,12 @@ def register(sub: Any) -> None:
         "--driver",
         choices=("direct", "faust"),
         help="direct (default): batches on aiokafka; faust: a Faust agent and table (same topics and state)",
+    )
+    p.add_argument(
+        "--processing-guarantee",
+        choices=GUARANTEES,
+        help="at_least_once (default): idempotent outputs, de-duplicable by (completion id, seq); "
+        "exactly_once: Kafka transactions, nothing repeated for read_committed consumers (direct driver)",
     )
     p.add_argument("--input-topic")
     p.add_argument("--events-topic")
@@ -53,6 +61,7 @@ def run_worker(args: argparse.Namespace) -> int:
         "bootstrap_servers",
         "app_id",
         "driver",
+        "processing_guarantee",
         "input_topic",
         "events_topic",
         "done_topic",
@@ -74,6 +83,16 @@ def run_worker(args: argparse.Namespace) -> int:
         return 2
     if settings.driver not in ("direct", "faust"):
         print(f"chunkfold worker: unknown driver {settings.driver!r} (direct or faust)", file=sys.stderr)
+        return 2
+    if settings.processing_guarantee not in GUARANTEES:
+        print(
+            f"chunkfold worker: unknown processing guarantee {settings.processing_guarantee!r} "
+            "(at_least_once or exactly_once)",
+            file=sys.stderr,
+        )
+        return 2
+    if settings.processing_guarantee == "exactly_once" and settings.driver != "direct":
+        print("chunkfold worker: exactly_once needs the direct driver (--driver direct)", file=sys.stderr)
         return 2
     config = logging_config(args.loglevel, args.log_format)
     logging.config.dictConfig(config)
