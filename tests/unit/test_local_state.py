@@ -191,3 +191,33 @@ def test_an_acknowledged_checkpoint_advances_each_partition_to_after_its_last_ba
     assert local.checkpoint(1) is None
     assert list(local.entries(0)) == [("a/0", b"1"), ("a/1", b"2")]
     assert list(local.entries(2)) == [("c/0", b"3")]
+
+
+def test_a_write_without_a_reported_offset_drops_the_partitions_copy_until_its_next_restore(
+    local: LocalState,
+) -> None:
+    from worker.app.direct import DirectWorker
+
+    def acked(offset: int | None) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future.set_result(_Acked(offset))  # type: ignore[arg-type]
+        return future
+
+    async def settle() -> DirectWorker:
+        worker = DirectWorker(Settings(bootstrap_servers="unused:9092"))
+        worker.local = local
+        local.write([(0, "a/0", b"old")], {0: 5, 1: 5}, 100.0)
+        lost, kept, later = object(), object(), object()
+        first: list[tuple[int, str, bytes | None]] = [(0, "a/0", b"lost"), (1, "b/0", b"kept")]
+        worker.sender = _Tracked([(0, lost, acked(None)), (1, kept, acked(5))])  # type: ignore[assignment]
+        worker._keep_locally(first, {lost: 1, kept: 1}, 200.0)
+        assert local.checkpoint(0) is None and list(local.entries(0)) == []
+        assert local.checkpoint(1) == Checkpoint(6, 200.0)
+        # a later write of partition 0 with its offset must not claim the lost one
+        worker.sender = _Tracked([(0, later, acked(7))])  # type: ignore[assignment]
+        worker._keep_locally([(0, "c/0", b"new")], {later: 1}, 300.0)
+        return worker
+
+    worker = asyncio.run(settle())
+    assert local.checkpoint(0) is None and list(local.entries(0)) == []
+    assert worker.local_stale == {0}

@@ -323,6 +323,9 @@ class DirectWorker:
         self.local_max_age_s = 0.0
         self.restored_local_entries = 0
         self.restored_changelog_records = 0
+        self.local_stale: set[int] = set()
+        """Partitions whose local copy was dropped (a write's offset unknown): not kept locally
+        until their next restore."""
         self.transactions: PartitionTransactions | None = None
         """``exactly_once``: the owned partitions' transactional producers (outputs, state and
         offsets committed together per checkpoint); None: at least once, checkpoints settled
@@ -609,15 +612,26 @@ class DirectWorker:
         retried duplicate of these writes, so the entries reflect the changelog up to there."""
         assert self.local is not None and self.sender is not None
         ends: dict[int, int] = {}
+        unknown: set[int] = set()
         for partition, batch, future in self.sender.take_tracked():
             count = counts.get(batch)
+            if count is None:
+                continue  # not one of these writes
             metadata = future.result()
-            if count is None or metadata is None or metadata.offset is None or metadata.offset < 0:
-                continue  # not one of these writes, or no offset reported: the checkpoint stays
-            ends[partition] = max(ends.get(partition, 0), metadata.offset + count)
+            if metadata is None or metadata.offset is None or metadata.offset < 0:
+                unknown.add(partition)
+            else:
+                ends[partition] = max(ends.get(partition, 0), metadata.offset + count)
+        # A partition with a batch whose offset was not reported loses its local copy until it
+        # is next restored from the changelog: skipping just these writes would let a later
+        # checkpoint claim them.
+        unknown -= self.local_stale
+        self.local_stale |= unknown
+        for partition in self.local_stale:
+            ends.pop(partition, None)
         items = [w for w in written if w[0] in ends]
         try:
-            self.local.write(items, ends, stamp)
+            self.local.write(items, ends, stamp, wipe=unknown)
         except Exception as exc:
             self._lose_local(exc)
 
@@ -747,6 +761,8 @@ class DirectWorker:
                 local.write(items, last, started_at, wipe=full)
             except Exception as exc:
                 self._lose_local(exc)
+            else:
+                self.local_stale.difference_update(partitions)
         self.restored_local_entries += sum(from_local.values())
         self.restored_changelog_records += sum(read.values())
         restored = set(partitions)
