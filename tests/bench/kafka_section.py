@@ -304,9 +304,14 @@ class PipeProcess:
 
 
 async def _assigned_consumer(servers: str, topics: list[str]) -> AIOKafkaConsumer:
-    """A group-less consumer of every partition of ``topics`` from the beginning, positioned."""
+    """A group-less consumer of every partition of ``topics`` from the beginning, positioned; it
+    reads committed records only (as a consumer of an ``exactly_once`` worker must)."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=servers, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+        bootstrap_servers=servers,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
     )
     await consumer.start()
     partitions = [TopicPartition(t, p) for t in topics for p in range(PARTITIONS)]
@@ -393,7 +398,12 @@ async def _drain(
 
 
 def worker_throughput(
-    servers: str, workload: Workload, cap: float, workdir: Path, driver: str = Settings().driver
+    servers: str,
+    workload: Workload,
+    cap: float,
+    workdir: Path,
+    driver: str = Settings().driver,
+    guarantee: str = Settings().processing_guarantee,
 ) -> tuple[Throughput, Changelog]:
     settings = fresh_settings(
         servers,
@@ -401,11 +411,13 @@ def worker_throughput(
         web_port=_free_port(),
         commit_interval_s=Settings().commit_interval_s,
         driver=driver,
+        processing_guarantee=guarantee,
     )
+    default = driver == Settings().driver and guarantee == Settings().processing_guarantee
     topics = [settings.input_topic, settings.events_topic, settings.done_topic, settings.deadletter_topic]
     asyncio.run(ensure_topics(servers, topics, PARTITIONS))
     asyncio.run(publish(settings, workload.records))
-    with running_worker(settings, workdir / f"worker-throughput-{driver}.log") as worker:
+    with running_worker(settings, workdir / f"worker-throughput-{driver}-{guarantee}.log") as worker:
         assert worker.proc is not None
         pid = worker.proc.pid
         got = asyncio.run(
@@ -435,7 +447,9 @@ def worker_throughput(
             cpu = _cpu_seconds(pid) - got.cpu_at_first
             chunks, span = int(_total(metrics, "chunkfold_chunks_in_total")), now - got.first_ts
         result = Throughput(
-            "chunkfold worker" if driver == Settings().driver else f"worker ({driver})",
+            "chunkfold worker"
+            if default
+            else f"worker ({driver if driver != Settings().driver else guarantee})",
             chunks,
             span,
             cpu,
@@ -816,7 +830,8 @@ def _intro(ctx: BenchContext, servers: str, started_broker: bool) -> None:
         f"            interleaved at a time; about {POOL_CHUNKS:,} chunks of distinct completions, repeated under new ids"
     )
     ctx.out(
-        f"worker    : one `python -m worker.cli worker` process (Faust, memory store, at_least_once, write-behind\n"
+        f"worker    : one `python -m worker.cli worker` process ({Settings().driver} driver, memory store, "
+        f"{Settings().processing_guarantee}, write-behind\n"
         f"            every {Settings().commit_interval_s:g} s, web port on for /metrics and /readyz)"
     )
     ctx.out(
@@ -889,14 +904,16 @@ def _measure(
         worker_runs.append(worker_throughput(servers, thr, cap, workdir))
         pipe_runs.append(pipe_throughput(servers, thr, cap, workdir))
     faust_thr, _ = worker_throughput(servers, thr, cap, workdir, driver="faust")
-    _throughput_table(ctx, [*(w for w, _ in worker_runs), *pipe_runs, faust_thr])
+    exactly_thr, _ = worker_throughput(servers, thr, cap, workdir, guarantee="exactly_once")
+    _throughput_table(ctx, [*(w for w, _ in worker_runs), *pipe_runs, faust_thr, exactly_thr])
     worker_thr, changelog = max(worker_runs, key=lambda run: run[0].rate)
     pipe_thr = max(pipe_runs, key=lambda run: run.rate)
     ratio = worker_thr.rate / pipe_thr.rate
     cpu_ratio = worker_thr.per_cpu / pipe_thr.per_cpu
     ctx.out(
         f"worker / pipe (best runs): {ratio:.2f}x chunks/s, {cpu_ratio:.2f}x chunks per CPU-second "
-        f"(target >= {THROUGHPUT_TARGET:g}x chunks/s); the Faust driver: {faust_thr.rate / pipe_thr.rate:.2f}x"
+        f"(target >= {THROUGHPUT_TARGET:g}x chunks/s); the Faust driver: {faust_thr.rate / pipe_thr.rate:.2f}x; "
+        f"exactly_once: {exactly_thr.rate / pipe_thr.rate:.2f}x"
     )
 
     ctx.out(f"\n== kafka: latency, produce -> first event on completion-events, {seconds:g} s runs ==")
