@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import logging.config
 import os
 import signal
 import sqlite3
@@ -474,6 +475,7 @@ class AuditStore:
             *where,
             sha[:16],
             str(stored)[:16],
+            extra={"completion_id": done.completion_id, "partition": where[1], "offset": where[2]},
         )
 
     def _reject(self, record: SourceRecord, sha: str, exc: Rejected, now: int, result: BatchResult) -> None:
@@ -501,6 +503,7 @@ class AuditStore:
             record.offset,
             exc.reason,
             _clean(exc.detail, 300),
+            extra={"reason": exc.reason, "partition": record.partition, "offset": record.offset},
         )
 
     @staticmethod
@@ -747,6 +750,9 @@ def register(sub: Any) -> None:
     p.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (default: $KAFKA_BOOTSTRAP_SERVERS)")
     p.add_argument("--done-topic", help="topic to consume (default completion-done)")
     p.add_argument("--loglevel", default="info")
+    p.add_argument(
+        "--log-format", choices=("json", "text"), default="json", help="log lines as JSON (default) or text"
+    )
     p.set_defaults(func=cmd_audit_sink)
 
 
@@ -772,7 +778,9 @@ def cmd_audit_sink(args: argparse.Namespace) -> int:
         replication_factor=settings.replication_factor,
         crash_after_db_commits=int(crash) if crash else 0,
     )
-    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from worker.app.logs import logging_config
+
+    logging.config.dictConfig(logging_config(args.loglevel, args.log_format))
     from aiokafka.errors import KafkaError
 
     try:

@@ -377,6 +377,9 @@ def test_every_completion_is_stored_exactly_once(
     }
     assert all(b["records"] <= 40 for b in sink.batches())
     assert "audit-sink stopped after" in sink.log()
+    lines = [json.loads(line) for line in sink.log().splitlines()]  # one JSON object per line
+    (conflict,) = [line for line in lines if line["msg"].startswith("conflict:")]
+    assert conflict["completion_id"] in conflict["msg"]
 
 
 def test_crash_between_database_commit_and_offset_commit(
