@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import orjson
 
@@ -64,7 +64,7 @@ class WorkerProcess:
     loglevel: str = "warning"
     """``info`` adds a line per finished completion."""
 
-    def start(self) -> WorkerProcess:
+    def start(self) -> Self:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [
@@ -112,7 +112,6 @@ class Collected:
     events: list[tuple[bytes, dict[str, Any]]] = field(default_factory=list)
     done: list[tuple[bytes, dict[str, Any], bytes]] = field(default_factory=list)
     deadletters: list[dict[str, Any]] = field(default_factory=list)
-    stamps: list[float] = field(default_factory=list)
     first_done_at: dict[bytes, float] = field(default_factory=dict)
     """Completion key -> when its first completion-done was appended (epoch s)."""
 
@@ -168,7 +167,6 @@ async def _collect(
             for tp, messages in batch.items():
                 for m in messages:
                     assert m.value is not None
-                    got.stamps.append(m.timestamp / 1000)
                     if tp.topic == settings.events_topic:
                         assert m.key is not None
                         got.events.append((m.key, orjson.loads(m.value)))

@@ -29,6 +29,7 @@ from tests.harness import (
     wait_for,
     wait_group_stable,
 )
+from tests.prometheus import http_get, scrape
 from worker.config import Settings
 from worker.gateway import GatewayRecord
 
@@ -228,9 +229,8 @@ def test_abandoned_streams_expire_and_state_stays_flat(
     producer.start()
     samples = sample_gauges(port, producer, workers[0])
     producer.finish()
-    from urllib.request import urlopen
-
-    served = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    status, _, served = http_get(port, "/metrics")
+    assert status == 200, served
     for family in METRIC_FAMILIES:
         assert f"# TYPE {family} " in served, family
     assert 'chunkfold_completions_out_total{status="expired"}' in served
@@ -279,15 +279,8 @@ def abandoned_records(repeat: int) -> tuple[list[GatewayRecord], int]:
 
 
 def gauges(port: int) -> dict[str, float]:
-    from urllib.request import urlopen
-
-    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
+    """The worker's unlabelled series."""
+    return {name: series[()] for name, series in scrape(port).items() if () in series}
 
 
 def rss_bytes(pid: int) -> float:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,7 +18,6 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tests.harness import (
-    ROOT,
     BackgroundProducer,
     WorkerProcess,
     assert_matches_reference,
@@ -29,7 +26,6 @@ from tests.harness import (
     fresh_settings,
     offline_reference,
     recorded_records,
-    settings_env,
     wait_for,
     wait_group_stable,
 )
@@ -50,20 +46,11 @@ class Restore:
     held: int
 
 
+@dataclass
 class InfoWorker(WorkerProcess):
     """A worker process logging at info (its restore lines)."""
 
-    def start(self) -> InfoWorker:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "worker", "--loglevel", "info"],
-            env=settings_env(self.settings),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            start_new_session=True,
-        )
-        return self
+    loglevel: str = "info"
 
     def restores(self) -> list[Restore]:
         found = []
