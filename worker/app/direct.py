@@ -345,7 +345,11 @@ class DirectWorker:
         )
         if s.processing_guarantee == "exactly_once":
             self.transactions = PartitionTransactions(
-                s.bootstrap_servers, s.app_id, s.input_topic, PRODUCER_REQUEST_TIMEOUT_MS
+                s.bootstrap_servers,
+                s.app_id,
+                s.input_topic,
+                request_timeout_ms=PRODUCER_REQUEST_TIMEOUT_MS,
+                linger_ms=PRODUCER_LINGER_MS,
             )
             if keeps_local_state(s):
                 log.warning("exactly_once keeps no local state copy: assignments read the whole changelog")

@@ -30,12 +30,19 @@ class PartitionTransactions:
     """The transactional producers of the owned input partitions and their open transactions."""
 
     def __init__(
-        self, bootstrap_servers: str, app_id: str, input_topic: str, request_timeout_ms: int
+        self,
+        bootstrap_servers: str,
+        app_id: str,
+        input_topic: str,
+        *,
+        request_timeout_ms: int,
+        linger_ms: int,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.app_id = app_id
         self.input_topic = input_topic
         self.request_timeout_ms = request_timeout_ms
+        self.linger_ms = linger_ms
         self.producers: dict[int, AIOKafkaProducer] = {}
         self.open: set[int] = set()
         """Partitions whose transaction has begun and is not committed yet."""
@@ -52,7 +59,7 @@ class PartitionTransactions:
                 transactional_id=transactional_id(self.app_id, self.input_topic, p),
                 transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
                 request_timeout_ms=self.request_timeout_ms,
-                linger_ms=2,
+                linger_ms=self.linger_ms,
             )
             for p in new
         }
