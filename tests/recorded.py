@@ -1,15 +1,14 @@
-"""The recorded API streams in ``shared/fixtures/openai-recorded`` and their SDK goldens."""
+"""The recorded API streams in ``tests/fixtures/openai-recorded`` and their SDK goldens."""
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("CHUNKFOLD_FIXTURES", ROOT.parent / "shared" / "fixtures" / "openai-recorded"))
+FIXTURES = ROOT / "tests" / "fixtures" / "openai-recorded"
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ from worker.gateway import GatewayRecord, capture_records, load_captures
 from worker.kafka_io import ensure_topics, make_producer, output_consumer
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "openai-recorded"
+FIXTURES = ROOT / "tests" / "fixtures" / "openai-recorded"
+"""The recorded API streams in a checkout of the repository (absent from an installed package)."""
 CHUNK_GAP_S = 0.025
 CONCURRENT = 24
 
@@ -47,7 +48,7 @@ def start_broker() -> tuple[str, bool]:
 
 
 def demo_streams() -> list[list[GatewayRecord]]:
-    """Recorded API streams (when the shared fixtures are present) plus generated ones."""
+    """Recorded API streams (when run from a checkout) plus generated ones."""
     streams: list[list[GatewayRecord]] = []
     if FIXTURES.is_dir():
         for _, text, request in load_captures([FIXTURES]):
