@@ -17,7 +17,10 @@ Kafka's committed offset, so a crash between the two commits neither duplicates 
 records below the stored offset are skipped in any case (``skipped`` in the batch line).
 
 SQLite (stdlib ``sqlite3``) by default, PostgreSQL (``psycopg`` 3) by URL; a small adapter
-(:class:`Database`) lets the same SQL serve both.
+(:class:`Database`) lets the same SQL serve both, each statement written with the driver's own
+parameter marker. The schema is versioned: on start the sink applies the :data:`MIGRATIONS` the
+database lacks (``schema_migrations`` records them), so tables of an earlier release are
+brought up to date instead of failing the first insert.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import sqlite3
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,20 +63,34 @@ class DatabaseUrlError(ValueError):
     """A ``--database`` URL the sink cannot use."""
 
 
+class SchemaTooNew(RuntimeError):
+    """The database's schema is at a version this sink does not know (a newer release made it)."""
+
+
 # --------------------------------------------------------------------------------------------
-# Database adapter: the SQL is written once with ``?`` placeholders and the column types below.
+# Database adapter: the SQL is written once with the adapter's parameter marker and column types.
 # --------------------------------------------------------------------------------------------
 
 
 class Database(ABC):
-    """One connection; transactions are explicit (``begin`` / ``commit`` / ``rollback``)."""
+    """One connection; transactions are explicit (``begin`` / ``commit`` / ``rollback``).
+
+    Statements carry the driver's own parameter marker (:attr:`mark`) where a value goes and
+    are passed to the driver unchanged: no statement text is ever rewritten, so a ``?`` or
+    ``%s`` elsewhere in SQL (a string literal, an operator) keeps its meaning."""
 
     dialect: str
+    #: the driver's parameter marker: sqlite3's ``?`` (qmark), psycopg's ``%s`` (format)
+    mark: str
     json_type: str
     bool_type: str
     blob_type: str
     #: errors meaning "this value cannot be stored" (not "the database is unwell")
     data_errors: tuple[type[Exception], ...]
+
+    def marks(self, count: int) -> str:
+        """``count`` parameter markers, comma-separated (for a ``VALUES`` list)."""
+        return ", ".join([self.mark] * count)
 
     @abstractmethod
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
@@ -102,6 +119,7 @@ class Database(ABC):
 
 class SqliteDatabase(Database):
     dialect = "sqlite"
+    mark = "?"
     json_type = "TEXT"
     bool_type = "INTEGER"
     blob_type = "BLOB"
@@ -142,6 +160,7 @@ class SqliteDatabase(Database):
 
 class PostgresDatabase(Database):
     dialect = "postgresql"
+    mark = "%s"
     # json, not jsonb: kept as sent (key order, numbers) and any valid JSON fits (jsonb refuses
     # "\u0000"); cast to jsonb in queries or indexes where needed.
     json_type = "JSON"
@@ -155,17 +174,19 @@ class PostgresDatabase(Database):
         self.conn: psycopg.Connection[tuple[Any, ...]] = psycopg.connect(url, autocommit=False)
 
     @staticmethod
-    def _sql(sql: str) -> str:
-        return sql.replace("?", "%s")
+    def _params(params: Sequence[Any]) -> tuple[Any, ...] | None:
+        """None for a statement without parameters: psycopg then reads no markers in it at all
+        (with parameters, a literal ``%`` is written ``%%``, as psycopg documents)."""
+        return tuple(params) if params else None
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         with self.conn.cursor() as cur:
-            cur.execute(self._sql(sql), tuple(params))
+            cur.execute(sql, self._params(params))
             return cur.rowcount
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self.conn.cursor() as cur:
-            cur.execute(self._sql(sql), tuple(params))
+            cur.execute(sql, self._params(params))
             return list(cur.fetchall())
 
     def begin(self) -> None:
@@ -265,6 +286,7 @@ COMPLETION_COLUMNS = (
     "source_offset",
     "record_sha256",
     "stored_at_ms",
+    "record_version",
 )
 
 
@@ -309,80 +331,159 @@ def classify(record: SourceRecord) -> tuple[DoneRecord, dict[str, Any]]:
     return done, raw
 
 
+# --------------------------------------------------------------------------------------------
+# Schema migrations. A released migration never changes: a new shape is a new migration at the
+# end, written so that it works on both databases (each runs in one transaction; SQLite and
+# PostgreSQL both roll DDL back with it).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """Schema version ``version``: the statements that take the previous version to it."""
+
+    version: int
+    name: str
+    statements: Callable[[Database], Sequence[str]]
+
+
+def _first_release_tables(db: Database) -> list[str]:
+    """The tables exactly as the first release created them (it had no ``schema_migrations``).
+    ``IF NOT EXISTS``: a database that release made is adopted as version 1 as it is."""
+    j, b, blob = db.json_type, db.bool_type, db.blob_type
+    return [
+        f"""CREATE TABLE IF NOT EXISTS completions (
+            completion_id TEXT PRIMARY KEY,
+            status TEXT NOT NULL,
+            model TEXT,
+            created BIGINT,
+            error {j},
+            usage {j},
+            usage_reported {b} NOT NULL,
+            request {j},
+            completion {j},
+            timing {j} NOT NULL,
+            anomalies {j} NOT NULL,
+            chunk_count BIGINT NOT NULL,
+            event_count BIGINT NOT NULL,
+            first_chunk_at_ms BIGINT,
+            last_chunk_at_ms BIGINT,
+            source_topic TEXT NOT NULL,
+            source_partition INTEGER NOT NULL,
+            source_offset BIGINT NOT NULL,
+            record_sha256 TEXT NOT NULL,
+            stored_at_ms BIGINT NOT NULL
+        )""",
+        f"""CREATE TABLE IF NOT EXISTS conflicts (
+            source_topic TEXT NOT NULL,
+            source_partition INTEGER NOT NULL,
+            source_offset BIGINT NOT NULL,
+            completion_id TEXT NOT NULL,
+            record_sha256 TEXT NOT NULL,
+            stored_sha256 TEXT NOT NULL,
+            value {blob} NOT NULL,
+            detected_at_ms BIGINT NOT NULL,
+            PRIMARY KEY (source_topic, source_partition, source_offset)
+        )""",
+        f"""CREATE TABLE IF NOT EXISTS rejected (
+            source_topic TEXT NOT NULL,
+            source_partition INTEGER NOT NULL,
+            source_offset BIGINT NOT NULL,
+            reason TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            record_key {blob},
+            value {blob},
+            record_sha256 TEXT NOT NULL,
+            rejected_at_ms BIGINT NOT NULL,
+            PRIMARY KEY (source_topic, source_partition, source_offset)
+        )""",
+        """CREATE TABLE IF NOT EXISTS sink_offsets (
+            topic TEXT NOT NULL,
+            partition INTEGER NOT NULL,
+            next_offset BIGINT NOT NULL,
+            updated_at_ms BIGINT NOT NULL,
+            PRIMARY KEY (topic, partition)
+        )""",
+        "CREATE INDEX IF NOT EXISTS conflicts_by_completion ON conflicts (completion_id)",
+    ]
+
+
+def _record_version_column(db: Database) -> list[str]:
+    """The done record's ``version``, so that rows stay told apart once a version 2 exists;
+    every row stored before it came from a version 1 record (the only one that parses)."""
+    return ["ALTER TABLE completions ADD COLUMN record_version INTEGER NOT NULL DEFAULT 1"]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "tables of the first release", _first_release_tables),
+    Migration(2, "completions.record_version", _record_version_column),
+)
+
+
+def _check_numbering(migrations: Sequence[Migration]) -> None:
+    """Versions 1, 2, 3, ... in order: the applied version alone then says what is missing."""
+    versions = [m.version for m in migrations]
+    if versions != list(range(1, len(versions) + 1)):
+        raise ValueError(f"migrations must be numbered 1, 2, 3, ... in order, not {versions}")
+
+
 class AuditStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def create_schema(self) -> None:
-        j, b, blob = self.db.json_type, self.db.bool_type, self.db.blob_type
-        statements = [
-            f"""CREATE TABLE IF NOT EXISTS completions (
-                completion_id TEXT PRIMARY KEY,
-                status TEXT NOT NULL,
-                model TEXT,
-                created BIGINT,
-                error {j},
-                usage {j},
-                usage_reported {b} NOT NULL,
-                request {j},
-                completion {j},
-                timing {j} NOT NULL,
-                anomalies {j} NOT NULL,
-                chunk_count BIGINT NOT NULL,
-                event_count BIGINT NOT NULL,
-                first_chunk_at_ms BIGINT,
-                last_chunk_at_ms BIGINT,
-                source_topic TEXT NOT NULL,
-                source_partition INTEGER NOT NULL,
-                source_offset BIGINT NOT NULL,
-                record_sha256 TEXT NOT NULL,
-                stored_at_ms BIGINT NOT NULL
-            )""",
-            f"""CREATE TABLE IF NOT EXISTS conflicts (
-                source_topic TEXT NOT NULL,
-                source_partition INTEGER NOT NULL,
-                source_offset BIGINT NOT NULL,
-                completion_id TEXT NOT NULL,
-                record_sha256 TEXT NOT NULL,
-                stored_sha256 TEXT NOT NULL,
-                value {blob} NOT NULL,
-                detected_at_ms BIGINT NOT NULL,
-                PRIMARY KEY (source_topic, source_partition, source_offset)
-            )""",
-            f"""CREATE TABLE IF NOT EXISTS rejected (
-                source_topic TEXT NOT NULL,
-                source_partition INTEGER NOT NULL,
-                source_offset BIGINT NOT NULL,
-                reason TEXT NOT NULL,
-                detail TEXT NOT NULL,
-                record_key {blob},
-                value {blob},
-                record_sha256 TEXT NOT NULL,
-                rejected_at_ms BIGINT NOT NULL,
-                PRIMARY KEY (source_topic, source_partition, source_offset)
-            )""",
-            """CREATE TABLE IF NOT EXISTS sink_offsets (
-                topic TEXT NOT NULL,
-                partition INTEGER NOT NULL,
-                next_offset BIGINT NOT NULL,
-                updated_at_ms BIGINT NOT NULL,
-                PRIMARY KEY (topic, partition)
-            )""",
-            "CREATE INDEX IF NOT EXISTS conflicts_by_completion ON conflicts (completion_id)",
-        ]
+    def migrate(self, migrations: Sequence[Migration] | None = None) -> list[int]:
+        """Apply the migrations the database lacks, in order, each in its own transaction with
+        its ``schema_migrations`` row (all of it or none of it lands), under the schema lock so
+        that sinks starting together apply each once; the versions applied."""
+        steps = MIGRATIONS if migrations is None else tuple(migrations)
+        _check_numbering(steps)
+        return [m.version for m in steps if self._apply(m, latest=steps[-1].version)]
+
+    def _apply(self, migration: Migration, latest: int) -> bool:
         self.db.begin()
         try:
             self.db.lock_schema()
-            for sql in statements:
+            self._create_migrations_table()
+            current = self._applied_version()
+            if current > latest:
+                raise SchemaTooNew(
+                    f"the audit database's schema is at version {current}; this audit sink knows "
+                    f"versions up to {latest}: run the release that migrated it (or a newer one)"
+                )
+            if current >= migration.version:
+                self.db.commit()
+                return False
+            for sql in migration.statements(self.db):
                 self.db.execute(sql)
+            self.db.execute(
+                f"INSERT INTO schema_migrations (version, name, applied_at_ms) VALUES ({self.db.marks(3)})",
+                (migration.version, migration.name, _now_ms()),
+            )
             self.db.commit()
         except BaseException:
             self.db.rollback()
             raise
+        log.info("schema: applied migration %d (%s)", migration.version, migration.name)
+        return True
+
+    def _create_migrations_table(self) -> None:
+        self.db.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                version INTEGER PRIMARY KEY,
+                name TEXT NOT NULL,
+                applied_at_ms BIGINT NOT NULL
+            )"""
+        )
+
+    def _applied_version(self) -> int:
+        [(version,)] = self.db.query("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+        return int(version)
 
     def stored_offsets(self, topic: str, partitions: Iterable[int] | None = None) -> dict[int, int]:
         """``next_offset`` per partition of ``topic`` as committed in the database."""
-        rows = self.db.query("SELECT partition, next_offset FROM sink_offsets WHERE topic = ?", (topic,))
+        rows = self.db.query(
+            f"SELECT partition, next_offset FROM sink_offsets WHERE topic = {self.db.mark}", (topic,)
+        )
         wanted = None if partitions is None else set(partitions)
         offsets = {int(p): int(o) for p, o in rows if wanted is None or int(p) in wanted}
         # A read outside write_batch still opens a transaction on PostgreSQL: end it.
@@ -401,7 +502,8 @@ class AuditStore:
             floor = {
                 int(p): int(o)
                 for p, o in self.db.query(
-                    "SELECT partition, next_offset FROM sink_offsets WHERE topic = ?", (topic,)
+                    f"SELECT partition, next_offset FROM sink_offsets WHERE topic = {self.db.mark}",
+                    (topic,),
                 )
             }
             now = _now_ms()
@@ -418,7 +520,7 @@ class AuditStore:
             for partition, next_offset in sorted(result.next_offsets.items()):
                 self.db.execute(
                     "INSERT INTO sink_offsets (topic, partition, next_offset, updated_at_ms) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT (topic, partition) DO UPDATE SET "
+                    f"VALUES ({self.db.marks(4)}) ON CONFLICT (topic, partition) DO UPDATE SET "
                     "next_offset = excluded.next_offset, updated_at_ms = excluded.updated_at_ms "
                     "WHERE sink_offsets.next_offset < excluded.next_offset",
                     (topic, partition, next_offset, now),
@@ -443,7 +545,7 @@ class AuditStore:
         try:
             inserted = self.db.execute(
                 f"INSERT INTO completions ({', '.join(COMPLETION_COLUMNS)}) "
-                f"VALUES ({', '.join('?' * len(COMPLETION_COLUMNS))}) "
+                f"VALUES ({self.db.marks(len(COMPLETION_COLUMNS))}) "
                 "ON CONFLICT (completion_id) DO NOTHING",
                 self._row(done, raw, record, sha, now),
             )
@@ -457,14 +559,15 @@ class AuditStore:
             result.stored += 1
             return
         stored = self.db.query(
-            "SELECT record_sha256 FROM completions WHERE completion_id = ?", (done.completion_id,)
+            f"SELECT record_sha256 FROM completions WHERE completion_id = {self.db.mark}",
+            (done.completion_id,),
         )[0][0]
         if stored == sha:
             result.repeats += 1
             return
         changed = self.db.execute(
             "INSERT INTO conflicts (source_topic, source_partition, source_offset, completion_id, "
-            "record_sha256, stored_sha256, value, detected_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            f"record_sha256, stored_sha256, value, detected_at_ms) VALUES ({self.db.marks(8)}) "
             "ON CONFLICT (source_topic, source_partition, source_offset) DO NOTHING",
             (*where, done.completion_id, sha, stored, record.value, now),
         )
@@ -481,7 +584,7 @@ class AuditStore:
     def _reject(self, record: SourceRecord, sha: str, exc: Rejected, now: int, result: BatchResult) -> None:
         changed = self.db.execute(
             "INSERT INTO rejected (source_topic, source_partition, source_offset, reason, detail, "
-            "record_key, value, record_sha256, rejected_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"record_key, value, record_sha256, rejected_at_ms) VALUES ({self.db.marks(9)}) "
             "ON CONFLICT (source_topic, source_partition, source_offset) DO NOTHING",
             (
                 record.topic,
@@ -534,6 +637,7 @@ class AuditStore:
             record.offset,
             sha,
             now,
+            done.version,
         )
 
 
@@ -716,7 +820,7 @@ async def _serve(config: SinkConfig) -> None:
     db = await asyncio.to_thread(connect, config.database)
     try:
         store = AuditStore(db)
-        await asyncio.to_thread(store.create_schema)
+        await asyncio.to_thread(store.migrate)
         sink = AuditSink(config, store)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -787,6 +891,9 @@ def cmd_audit_sink(args: argparse.Namespace) -> int:
         asyncio.run(_serve(config))
     except DatabaseUrlError as exc:
         print(f"chunkfold audit-sink: {exc}", file=sys.stderr)
+        return 2
+    except SchemaTooNew as exc:
+        log.error("%s", exc)
         return 2
     except KafkaError as exc:
         log.error("Kafka error: %s: %s", type(exc).__name__, exc)

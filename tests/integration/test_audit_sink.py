@@ -25,8 +25,9 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
+from tests.database_fixtures import database as database
+from tests.database_fixtures import postgres_server as postgres_server
 from tests.harness import ROOT, fresh_settings, settings_env, wait_for
-from tests.postgres import PostgresServer, PostgresUnavailable, find_bin_dir, install_with_apt
 from tests.recorded import recordings
 from worker.audit_sink import CRASH_ENV, connect
 from worker.config import Settings
@@ -44,46 +45,6 @@ REPEAT_EVERY = 7  # then every 7th record again, byte-identical
 # ------------------------------------------------------------------------------------------
 # Databases
 # ------------------------------------------------------------------------------------------
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must run the PostgreSQL tests: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """A real PostgreSQL server (Debian's package; installed with apt-get when missing and
-    running as root) in a temporary directory, on a free localhost port, for the session."""
-    bin_dir = find_bin_dir()
-    if bin_dir is None:
-        try:
-            install_with_apt()
-        except PostgresUnavailable as exc:
-            _unavailable(str(exc))
-        bin_dir = find_bin_dir()
-        if bin_dir is None:
-            _unavailable("apt-get installed postgresql but no initdb/pg_ctl under /usr/lib/postgresql/*/bin")
-    assert bin_dir is not None
-    server = PostgresServer(bin_dir)
-    try:
-        try:
-            server.start()
-        except PostgresUnavailable as exc:
-            _unavailable(str(exc))
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """URL of a new, empty database."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'audit.sqlite3'}"
-    server: PostgresServer = request.getfixturevalue("postgres_server")
-    return server.create_database()
 
 
 def query(url: str, sql: str) -> list[tuple[Any, ...]]:

@@ -1,5 +1,6 @@
-"""The audit sink's store without Kafka (SQLite in memory): repeats, conflicts, rejections,
-stored offsets; and its database URLs."""
+"""The audit sink's store without Kafka, on SQLite and on a real PostgreSQL server: repeats,
+conflicts, rejections, stored offsets, schema migrations (a first-release database brought up to
+date), the drivers' own parameter markers; and its database URLs."""
 
 from __future__ import annotations
 
@@ -10,8 +11,21 @@ from typing import Any
 
 import pytest
 
+from tests.database_fixtures import database as database
+from tests.database_fixtures import postgres_server as postgres_server
 from tests.recorded import recordings
-from worker.audit_sink import AuditStore, DatabaseUrlError, SourceRecord, SqliteDatabase, connect, redact
+from worker.audit_sink import (
+    MIGRATIONS,
+    AuditStore,
+    Database,
+    DatabaseUrlError,
+    Migration,
+    SchemaTooNew,
+    SourceRecord,
+    SqliteDatabase,
+    connect,
+    redact,
+)
 from worker.config import Settings
 from worker.core import codec
 from worker.replay import replay_kafka
@@ -22,13 +36,20 @@ TOPIC = "done"
 
 
 @pytest.fixture
-def store() -> Iterator[AuditStore]:
-    db = connect("sqlite://")
+def db(database: str) -> Iterator[Database]:
+    """A connection to a new, empty database (SQLite file, or PostgreSQL)."""
+    conn = connect(database)
+    yield conn
+    conn.rollback()
+    conn.close()
+
+
+@pytest.fixture
+def store(db: Database) -> AuditStore:
     s = AuditStore(db)
-    s.create_schema()
-    s.create_schema()  # idempotent
-    yield s
-    db.close()
+    assert s.migrate() == [m.version for m in MIGRATIONS]
+    assert s.migrate() == []  # idempotent
+    return s
 
 
 def done_value() -> dict[str, Any]:
@@ -51,7 +72,14 @@ def record(
 
 
 def rows(store: AuditStore, sql: str) -> list[tuple[Any, ...]]:
-    return store.db.query(sql)
+    found = store.db.query(sql)
+    store.db.commit()
+    return found
+
+
+def as_json(value: Any) -> Any:
+    """A JSON column: text from SQLite, decoded already by psycopg."""
+    return json.loads(value) if isinstance(value, str) else value
 
 
 def test_insert_repeat_and_conflict(store: AuditStore) -> None:
@@ -64,7 +92,7 @@ def test_insert_repeat_and_conflict(store: AuditStore) -> None:
         store, "SELECT completion_id, status, usage, record_sha256 FROM completions"
     )
     assert (completion_id, status) == (value["completion_id"], value["status"])
-    assert json.loads(usage) == value["usage"]
+    assert as_json(usage) == value["usage"]
     assert sha == hashlib.sha256(codec.dumps(value)).hexdigest()
     [(conflict_id, offset, stored_sha)] = rows(
         store, "SELECT completion_id, source_offset, stored_sha256 FROM conflicts"
@@ -116,3 +144,170 @@ def test_database_urls(tmp_path: Any) -> None:
             connect(bad)
     assert redact("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db"
     assert redact("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+# ------------------------------------------------------------------------------------------
+# Schema migrations
+# ------------------------------------------------------------------------------------------
+
+# The tables as the first release of the audit sink created them (commit 9fb5fd9), written out
+# here rather than taken from the code: they are what a deployed database holds.
+FIRST_RELEASE_TABLES = """
+CREATE TABLE completions (
+    completion_id TEXT PRIMARY KEY, status TEXT NOT NULL, model TEXT, created BIGINT,
+    error {j}, usage {j}, usage_reported {b} NOT NULL, request {j}, completion {j},
+    timing {j} NOT NULL, anomalies {j} NOT NULL, chunk_count BIGINT NOT NULL,
+    event_count BIGINT NOT NULL, first_chunk_at_ms BIGINT, last_chunk_at_ms BIGINT,
+    source_topic TEXT NOT NULL, source_partition INTEGER NOT NULL, source_offset BIGINT NOT NULL,
+    record_sha256 TEXT NOT NULL, stored_at_ms BIGINT NOT NULL
+);
+CREATE TABLE conflicts (
+    source_topic TEXT NOT NULL, source_partition INTEGER NOT NULL, source_offset BIGINT NOT NULL,
+    completion_id TEXT NOT NULL, record_sha256 TEXT NOT NULL, stored_sha256 TEXT NOT NULL,
+    value {blob} NOT NULL, detected_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (source_topic, source_partition, source_offset)
+);
+CREATE TABLE rejected (
+    source_topic TEXT NOT NULL, source_partition INTEGER NOT NULL, source_offset BIGINT NOT NULL,
+    reason TEXT NOT NULL, detail TEXT NOT NULL, record_key {blob}, value {blob},
+    record_sha256 TEXT NOT NULL, rejected_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (source_topic, source_partition, source_offset)
+);
+CREATE TABLE sink_offsets (
+    topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL, PRIMARY KEY (topic, partition)
+);
+CREATE INDEX conflicts_by_completion ON conflicts (completion_id)
+"""
+FIRST_RELEASE_TYPES = {
+    "sqlite": {"j": "TEXT", "b": "INTEGER", "blob": "BLOB"},
+    "postgresql": {"j": "JSON", "b": "BOOLEAN", "blob": "BYTEA"},
+}
+
+
+def first_release_database(db: Database) -> None:
+    """What the first release left: its tables, one stored completion and its offset."""
+    db.begin()
+    for sql in FIRST_RELEASE_TABLES.format(**FIRST_RELEASE_TYPES[db.dialect]).split(";"):
+        db.execute(sql)
+    m = db.mark
+    db.execute(
+        "INSERT INTO completions (completion_id, status, usage_reported, timing, anomalies, "
+        "chunk_count, event_count, source_topic, source_partition, source_offset, record_sha256, "
+        f"stored_at_ms) VALUES ('old-id', 'completed', {m}, '{{}}', '{{}}', 3, 5, '{TOPIC}', 0, 0, "
+        "'sha', 1)",
+        (True,),
+    )
+    db.execute(f"INSERT INTO sink_offsets VALUES ('{TOPIC}', 0, 1, 1)")
+    db.commit()
+
+
+def columns(db: Database, table: str) -> list[str]:
+    if db.dialect == "sqlite":
+        names = [row[1] for row in db.query(f"PRAGMA table_info({table})")]
+    else:
+        names = [
+            row[0]
+            for row in db.query(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = %s "
+                "ORDER BY ordinal_position",
+                (table,),
+            )
+        ]
+    db.commit()
+    return names
+
+
+def applied_versions(db: Database) -> list[int]:
+    found = [int(v) for (v,) in db.query("SELECT version FROM schema_migrations ORDER BY version")]
+    db.commit()
+    return found
+
+
+def test_a_first_release_database_is_brought_up_to_date(db: Database) -> None:
+    first_release_database(db)
+    store = AuditStore(db)
+    assert store.migrate() == [1, 2]
+    assert applied_versions(db) == [1, 2]
+    assert columns(db, "completions")[-1] == "record_version"
+    assert store.stored_offsets(TOPIC) == {0: 1}, "the first release's offsets are kept"
+    value = done_value()
+    result = store.write_batch([record(0, 1, value)])
+    assert (result.stored, result.rejected) == (1, 0)
+    stored = rows(store, "SELECT completion_id, record_version FROM completions ORDER BY completion_id")
+    assert sorted(stored) == sorted([("old-id", 1), (value["completion_id"], 1)])
+    assert store.migrate() == []
+
+
+def test_each_migration_lands_whole_or_not_at_all(db: Database) -> None:
+    store = AuditStore(db)
+    store.migrate()
+    broken = Migration(
+        3,
+        "a note, then a mistake",
+        lambda _db: [
+            "ALTER TABLE completions ADD COLUMN note TEXT",
+            "ALTER TABLE no_such_table ADD COLUMN x TEXT",
+        ],
+    )
+    with pytest.raises(Exception, match="no_such_table"):
+        store.migrate([*MIGRATIONS, broken])
+    assert "note" not in columns(db, "completions"), "the failed migration's first statement stays undone"
+    assert applied_versions(db) == [1, 2]
+    fixed = Migration(
+        3,
+        "a note and a tag",
+        lambda _db: [
+            "ALTER TABLE completions ADD COLUMN note TEXT",
+            "ALTER TABLE completions ADD COLUMN tag TEXT NOT NULL DEFAULT 'why?'",
+        ],
+    )
+    assert store.migrate([*MIGRATIONS, fixed]) == [3]
+    assert columns(db, "completions")[-2:] == ["note", "tag"]
+    assert applied_versions(db) == [1, 2, 3]
+    store.write_batch([record(0, 0, done_value())])
+    assert rows(store, "SELECT note, tag FROM completions") == [(None, "why?")]
+
+
+def test_a_schema_newer_than_the_sink_is_refused(db: Database) -> None:
+    store = AuditStore(db)
+    newer = Migration(3, "from a newer release", lambda _db: ["CREATE TABLE newer (x INTEGER)"])
+    store.migrate([*MIGRATIONS, newer])
+    with pytest.raises(SchemaTooNew, match="version 3; this audit sink knows versions up to 2"):
+        store.migrate()
+    assert applied_versions(db) == [1, 2, 3]
+
+
+def test_migrations_are_numbered_from_one_in_order(db: Database) -> None:
+    store = AuditStore(db)
+    with pytest.raises(ValueError, match="numbered 1, 2, 3"):
+        store.migrate([MIGRATIONS[1], MIGRATIONS[0]])
+    with pytest.raises(ValueError, match="numbered 1, 2, 3"):
+        store.migrate([MIGRATIONS[0], Migration(3, "a gap", lambda _db: [])])
+
+
+# ------------------------------------------------------------------------------------------
+# Parameter markers
+# ------------------------------------------------------------------------------------------
+
+
+def test_sql_is_passed_to_the_driver_as_written(db: Database) -> None:
+    """A ``?`` or ``%s`` that is not a parameter keeps its meaning: nothing rewrites the SQL."""
+    assert db.query(f"SELECT '?' || {db.mark}", ("x",)) == [("?x",)]
+    assert db.query("SELECT 'a?b', '%s'") == [("a?b", "%s")]
+    if db.dialect == "postgresql":  # jsonb's key-exists operator is a bare ?
+        assert db.query("SELECT CAST(%s AS jsonb) ? 'model'", ('{"model": "m"}',)) == [(True,)]
+    db.commit()
+
+
+def test_values_with_markers_in_them_are_stored_as_they_are(store: AuditStore) -> None:
+    value = done_value()
+    odd_id = "chatcmpl-?%s%%?"
+    value = {**value, "completion_id": odd_id, "request": {"model": "gpt-?-%s", "note": "%(x)s ? $1"}}
+    if value["completion"] is not None:
+        value["completion"] = {**value["completion"], "id": odd_id}
+    result = store.write_batch([record(0, 0, value), record(0, 1, value)])
+    assert (result.stored, result.repeats, result.rejected) == (1, 1, 0)
+    [(completion_id, request)] = rows(store, "SELECT completion_id, request FROM completions")
+    assert completion_id == odd_id
+    assert as_json(request) == value["request"]
