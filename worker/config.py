@@ -46,6 +46,10 @@ class Settings:
     snapshots: bool = False
     partial_parse: bool = False
     web_port: int = 6066
+    web_host: str = "127.0.0.1"
+    """The address the metrics and health server listens on (both drivers). Loopback by
+    default, so a worker run on a host shares nothing; the container image sets ``0.0.0.0``,
+    where probes and Prometheus reach it through the pod's or container's own address."""
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

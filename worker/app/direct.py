@@ -826,7 +826,7 @@ class DirectWorker:
         app.router.add_get("/readyz", self._readyz)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, "0.0.0.0", self.settings.web_port).start()
+        await web.TCPSite(runner, self.settings.web_host, self.settings.web_port).start()
         return runner
 
     def _highwater(self, partition: int) -> int | None:

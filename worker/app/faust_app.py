@@ -91,7 +91,16 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
         value_serializer="raw",
         web_enabled=settings.web_port > 0,
         web_port=max(settings.web_port, 1),
+        web_bind=settings.web_host,
         web_in_thread=False,
+        # Health and metrics only (the pages below): Faust's /router (cluster topology) and
+        # /table (reads table keys, i.e. completion state) views off, and its statistics,
+        # graph and /performance views too; "/" then answers a constant {"status": "OK"}.
+        web_router_enabled=False,
+        web_tables_enabled=False,
+        web_stats_enabled=False,
+        web_graph_enabled=False,
+        web_metrics_enabled=False,
         producer_acks=-1,
         producer_linger_ms=2,
         # Acks are held until the write-behind timer has made the state durable; waiting for
