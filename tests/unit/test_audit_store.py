@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -276,6 +279,29 @@ def test_a_schema_newer_than_the_sink_is_refused(db: Database) -> None:
     with pytest.raises(SchemaTooNew, match="version 3; this audit sink knows versions up to 2"):
         store.migrate()
     assert applied_versions(db) == [1, 2, 3]
+
+
+def test_the_command_refuses_a_newer_schema_before_reaching_kafka(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'audit.sqlite3'}"
+    db = connect(url)
+    AuditStore(db).migrate([*MIGRATIONS, Migration(3, "from a newer release", lambda _db: [])])
+    db.close()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "worker.cli",
+            "audit-sink",
+            "--database",
+            url,
+            "--bootstrap-servers",
+            "127.0.0.1:1",
+        ],
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert b"schema is at version 3; this audit sink knows versions up to 2" in proc.stderr
 
 
 def test_migrations_are_numbered_from_one_in_order(db: Database) -> None:
