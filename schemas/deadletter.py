@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.truncation import TRUNCATED_DESCRIPTION, Truncation
 
 
 class Source(BaseModel):
@@ -23,7 +25,9 @@ class Header(BaseModel):
 class DeadLetter(BaseModel):
     """``reason`` is a short code (``invalid_json``, ``wrong_type``, ``key_mismatch``,
     ``after_end``, ...); ``detail`` a one-line explanation. The original key, value and headers
-    are kept byte for byte (base64), the value also as text when it is UTF-8."""
+    are kept byte for byte (base64), the value also as text when it is UTF-8; a dead letter that
+    would not fit its topic keeps a prefix of them (``truncated`` says which), and
+    ``value_bytes`` / ``value_sha256`` always identify the whole value."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -36,6 +40,9 @@ class DeadLetter(BaseModel):
     value_b64: str | None
     value_text: str | None
     headers: list[Header]
+    value_bytes: int | None = Field(None, description="size of the original value")
+    value_sha256: str | None = Field(None, description="hex SHA-256 of the original value")
+    truncated: list[Truncation] | None = Field(None, description=TRUNCATED_DESCRIPTION)
 
     def original_value(self) -> bytes | None:
         return None if self.value_b64 is None else base64.b64decode(self.value_b64)

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from schemas.completion import TokenLogprob
+from schemas.truncation import TRUNCATED_DESCRIPTION, Truncation
 
 
 class _Event(BaseModel):
@@ -22,6 +23,7 @@ class _Event(BaseModel):
     completion_id: str
     choice_index: int
     seq: int = Field(ge=0)
+    truncated: list[Truncation] | None = Field(None, description=TRUNCATED_DESCRIPTION)
 
 
 class ContentDelta(_Event):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from worker.config import Settings
 
@@ -44,6 +46,39 @@ async def ensure_topics(
                 await admin.create_topics(new)
     finally:
         await admin.close()
+
+
+async def topic_config(servers: str, topics: Iterable[str], name: str) -> dict[str, str]:
+    """The value of topic config ``name`` for each of ``topics`` as the brokers report it (the
+    topic's own or the broker's default); topics they do not answer for are left out."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=servers)
+    values: dict[str, str] = {}
+    try:
+        await admin.start()
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, {name: None}) for topic in topics]
+        )
+        for response in responses:
+            for resource in response.resources:
+                error_code, topic, entries = resource[0], resource[3], resource[4]
+                if error_code != 0:
+                    continue
+                for entry in entries:
+                    if entry[0] == name and entry[1] is not None:
+                        values[topic] = entry[1]
+    except (KafkaError, OSError, ValueError, IndexError, TypeError) as exc:
+        logging.getLogger("chunkfold.kafka").warning("describing %s of %s failed: %r", name, topics, exc)
+    finally:
+        await admin.close()
+    return values
+
+
+async def record_limits(servers: str, topics: Iterable[str], cap: int) -> dict[str, int]:
+    """The largest record each topic accepts (its ``max.message.bytes``), at most ``cap``; a
+    topic whose limit cannot be read gets ``cap``."""
+    topics = list(topics)
+    reported = await topic_config(servers, topics, "max.message.bytes")
+    return {topic: min(cap, int(reported.get(topic, cap))) for topic in topics}
 
 
 def make_producer(servers: str, **options: object) -> AIOKafkaProducer:

@@ -41,8 +41,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.partitioner import murmur2
 
@@ -50,7 +48,7 @@ from worker.app.metrics import METRICS_CONTENT_TYPE, render
 from worker.app.processor import FlushBatch, MemoryStore, Processor
 from worker.app.transactions import PartitionTransactions
 from worker.config import Settings
-from worker.kafka_io import ensure_topics
+from worker.kafka_io import ensure_topics, record_limits, topic_config
 
 if TYPE_CHECKING:
     from worker.app.local_state import LocalState
@@ -100,25 +98,8 @@ def keeps_local_state(settings: Settings) -> bool:
 
 async def changelog_delete_retention_ms(servers: str, topic: str) -> int | None:
     """The topic's ``delete.retention.ms`` as the brokers report it; None when it cannot be read."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=servers)
-    try:
-        await admin.start()
-        responses = await admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, topic, {"delete.retention.ms": None})]
-        )
-        for response in responses:
-            for resource in response.resources:
-                error_code, entries = resource[0], resource[4]
-                if error_code != 0:
-                    continue
-                for entry in entries:
-                    if entry[0] == "delete.retention.ms" and entry[1] is not None:
-                        return int(entry[1])
-    except (KafkaError, OSError, ValueError, IndexError, TypeError) as exc:
-        log.warning("describing %s failed: %r", topic, exc)
-    finally:
-        await admin.close()
-    return None
+    value = (await topic_config(servers, [topic], "delete.retention.ms")).get(topic)
+    return None if value is None else int(value)
 
 
 class ChangelogStore(MemoryStore):
@@ -341,8 +322,20 @@ class DirectWorker:
             [self.changelog],
             s.partitions,
             s.replication_factor,
-            configs={"cleanup.policy": "compact", "delete.retention.ms": str(CHANGELOG_DELETE_RETENTION_MS)},
+            configs={
+                "cleanup.policy": "compact",
+                "delete.retention.ms": str(CHANGELOG_DELETE_RETENTION_MS),
+                "max.message.bytes": str(s.max_message_bytes),
+            },
         )
+        limits = await record_limits(
+            s.bootstrap_servers, [*self.processor.limits, self.changelog], s.max_message_bytes
+        )
+        self.processor.limits.update((topic, limits[topic]) for topic in self.processor.limits)
+        # A batch of several records must fit the smallest topic too (one record always fits:
+        # the processor cuts each value to its topic's limit, and a batch takes a first record
+        # whatever its size).
+        batch_bytes = min(PRODUCER_BATCH_BYTES, *limits.values())
         if s.processing_guarantee == "exactly_once":
             self.transactions = PartitionTransactions(
                 s.bootstrap_servers,
@@ -350,6 +343,7 @@ class DirectWorker:
                 s.input_topic,
                 request_timeout_ms=PRODUCER_REQUEST_TIMEOUT_MS,
                 linger_ms=PRODUCER_LINGER_MS,
+                max_request_size=s.max_message_bytes,
             )
             if keeps_local_state(s):
                 log.warning("exactly_once keeps no local state copy: assignments read the whole changelog")
@@ -363,7 +357,8 @@ class DirectWorker:
             acks="all",
             linger_ms=PRODUCER_LINGER_MS,
             request_timeout_ms=PRODUCER_REQUEST_TIMEOUT_MS,
-            max_batch_size=PRODUCER_BATCH_BYTES,
+            max_batch_size=batch_bytes,
+            max_request_size=s.max_message_bytes,
         )
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=s.bootstrap_servers,

@@ -103,6 +103,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
         web_metrics_enabled=False,
         producer_acks=-1,
         producer_linger_ms=2,
+        producer_max_request_size=settings.max_message_bytes,
         # Acks are held until the write-behind timer has made the state durable; waiting for
         # them at shutdown or rebalance would stall (the timer is stopped by then). Unacked
         # records are simply redelivered to the next owner.

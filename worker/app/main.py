@@ -52,10 +52,27 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run_worker)
 
 
+async def _prepare_topics(settings: Settings) -> dict[str, int]:
+    """Create missing topics (the outputs with a deliberate ``max.message.bytes``) and return
+    the largest record each output topic accepts."""
+    from worker.kafka_io import ensure_topics, record_limits
+
+    s = settings
+    outputs = (s.events_topic, s.done_topic, s.deadletter_topic)
+    await ensure_topics(s.bootstrap_servers, [s.input_topic], s.partitions, s.replication_factor)
+    await ensure_topics(
+        s.bootstrap_servers,
+        outputs,
+        s.partitions,
+        s.replication_factor,
+        configs={"max.message.bytes": str(s.max_message_bytes)},
+    )
+    return await record_limits(s.bootstrap_servers, outputs, s.max_message_bytes)
+
+
 def run_worker(args: argparse.Namespace) -> int:
     from worker.app.faust_app import create_app
     from worker.app.logs import logging_config
-    from worker.kafka_io import ensure_topics
 
     names = (
         "bootstrap_servers",
@@ -96,15 +113,13 @@ def run_worker(args: argparse.Namespace) -> int:
         return 2
     config = logging_config(args.loglevel, args.log_format)
     logging.config.dictConfig(config)
-    topics = (settings.input_topic, settings.events_topic, settings.done_topic, settings.deadletter_topic)
-    asyncio.run(
-        ensure_topics(settings.bootstrap_servers, topics, settings.partitions, settings.replication_factor)
-    )
+    limits = asyncio.run(_prepare_topics(settings))
     if settings.driver == "direct":
         from worker.app import direct
 
         return direct.run(settings)
-    app, _ = create_app(settings)
+    app, processor = create_app(settings)
+    processor.limits.update(limits)
     from faust.worker import Worker
 
     worker = Worker(app, loglevel=args.loglevel, quiet=True, logging_config=config)

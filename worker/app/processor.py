@@ -18,12 +18,13 @@ from typing import Any, Protocol
 
 from worker.app.metrics import Metrics, render
 from worker.config import Settings
-from worker.core import codec, engine, outputs
+from worker.core import codec, engine, fit, outputs
 from worker.core.persist import CorruptState, Cursor, completion_of, delete_writes, flush_writes, restore
-from worker.core.records import InvalidRecord, RecordKind, decode_record
+from worker.core.records import MAX_KEY_BYTES, InvalidRecord, RecordKind, decode_record
 from worker.core.state import AnyState, ClosedCompletion, CompletionState, StateVersionError
 
 Headers = Sequence[tuple[str, bytes]]
+Fold = Callable[[AnyState | None, str, Any, engine.FoldOptions], engine.FoldResult]
 SWEEP_SLICE = 5_000
 """Completions (open or tombstones) one ``sweep`` call examines: about 5 ms of work."""
 log = logging.getLogger("chunkfold.worker")
@@ -99,18 +100,34 @@ class Stats:
     events_out: int = 0
     completions_out: dict[str, int] = field(default_factory=dict)
     deadletters: dict[str, int] = field(default_factory=dict)
+    truncated: dict[str, int] = field(default_factory=dict)
     state_writes: int = 0
     state_bytes_written: int = 0
+    unreadable_state: int = 0
+    """Stored completions (or keys) ``scan`` skipped because they do not read back."""
     metrics: Metrics = field(default_factory=Metrics)
 
 
 class Processor:
     """Per-worker driver of the engine over the partitions this worker owns."""
 
-    def __init__(self, settings: Settings, store: StateStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: StateStore,
+        clock: Callable[[], float] = time.time,
+        fold: Fold = engine.fold,
+    ) -> None:
         self.settings = settings
         self.clock = clock
         self.store = store
+        self.fold = fold
+        """The engine's fold (a test passes one that fails, to prove failures are contained)."""
+        self.limits = dict.fromkeys(
+            (settings.events_topic, settings.done_topic, settings.deadletter_topic),
+            settings.max_message_bytes,
+        )
+        """Each output topic's largest record (the driver lowers it to what the topic accepts)."""
         self.options = engine.FoldOptions(snapshots=settings.snapshots, partial_parse=settings.partial_parse)
         self.tracked: dict[str, Tracked] = {}
         self.dirty: dict[str, Tracked] = {}
@@ -143,12 +160,32 @@ class Processor:
         """Fold one input record. Returns the outputs to send and whether ``handle`` may be
         acknowledged at once (the record changed no state); otherwise it is held until the
         state that includes it is flushed. ``handle`` None: the driver tracks delivery by
-        offsets itself, nothing is held."""
+        offsets itself, nothing is held.
+
+        Never raises for what a record holds: a record that cannot be folded is dead-lettered,
+        and one whose fold fails unexpectedly is dead-lettered ``internal_error`` and ends its
+        completion ``failed`` (``_contain``). No other completion is touched either way."""
         self.stats.records_in += 1
         self.positions[partition] = offset
-        self.last_record_at[partition] = self.clock_ms()
-        if timestamp_ms is not None and timestamp_ms > self.stream_time.get(partition, -1):
-            self.stream_time[partition] = timestamp_ms
+        now_ms = self.last_record_at[partition] = self.clock_ms()
+        try:
+            return self._process(partition, offset, key, value, headers, timestamp_ms, handle, now_ms)
+        except Exception as exc:  # a record's content must never stop the worker
+            return self._contain(
+                exc, partition, offset, key, value, headers, timestamp_ms, handle, folded=True
+            )
+
+    def _process(
+        self,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers | None,
+        timestamp_ms: int | None,
+        handle: Any,
+        now_ms: int,
+    ) -> tuple[list[Output], bool]:
         try:
             completion_id, record = decode_record(
                 key,
@@ -161,9 +198,13 @@ class Processor:
             tracked = self._load(completion_id, partition)
         except InvalidRecord as exc:
             return [self._deadletter(exc, partition, offset, key, value, headers, timestamp_ms)], True
+        except Exception as exc:  # before the fold: no state was touched, the completion goes on
+            return self._contain(
+                exc, partition, offset, key, value, headers, timestamp_ms, handle, folded=False
+            )
         expired = self._expire_before(completion_id, tracked, offset, timestamp_ms)
         try:
-            result = engine.fold(tracked.state if tracked else None, completion_id, record, self.options)
+            result = self.fold(tracked.state if tracked else None, completion_id, record, self.options)
         except InvalidRecord as exc:
             return [
                 *expired,
@@ -176,6 +217,7 @@ class Processor:
             return expired, True
         if result.state is None:
             return expired, True
+        self._advance_stream_time(partition, timestamp_ms, now_ms)
         if tracked is None:
             tracked = self.tracked[completion_id] = Tracked(result.state, Cursor(), partition)
         tracked.state = result.state
@@ -184,6 +226,58 @@ class Processor:
         if handle is not None:
             tracked.pending.append(handle)
         return [*expired, *self._outputs(completion_id, result)], False
+
+    def _advance_stream_time(self, partition: int, timestamp_ms: int | None, now_ms: int) -> None:
+        """Stream time (the sweep's "now" while a partition is busy) moves only for records that
+        folded, and never past this worker's clock plus the skew allowance: a record stamped far
+        ahead (the broker accepts up to an hour) cannot make the sweep expire other
+        completions."""
+        if timestamp_ms is None:
+            return
+        latest = min(timestamp_ms, now_ms + int(self.settings.max_clock_skew_s * 1000))
+        if latest > self.stream_time.get(partition, -1):
+            self.stream_time[partition] = latest
+
+    def _contain(
+        self,
+        exc: Exception,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers | None,
+        timestamp_ms: int | None,
+        handle: Any,
+        *,
+        folded: bool,
+    ) -> tuple[list[Output], bool]:
+        """An unexpected failure on one record: dead-letter it ``internal_error`` (with the
+        exception class). When it came in or after the fold (``folded``), the completion's
+        state may be half updated: end it ``failed`` when it is open here. Deterministic like
+        the fold itself, so a redelivery repeats the same outputs."""
+        log.exception("record failed unexpectedly", extra={"partition": partition, "offset": offset})
+        detail = f"{type(exc).__name__}: {exc}"[:1000]
+        out = [
+            self._deadletter(
+                InvalidRecord("internal_error", detail), partition, offset, key, value, headers, timestamp_ms
+            )
+        ]
+        completion_id = key.decode("utf-8", "replace") if key and folded else None
+        tracked = self.tracked.get(completion_id) if completion_id is not None else None
+        if tracked is None or not isinstance(tracked.state, CompletionState):
+            return out, True
+        try:
+            result = engine.fail(tracked.state, "InternalError", detail, timestamp_ms)
+            assert result.state is not None
+            done = self._outputs(tracked.state.completion_id, result)
+        except Exception:  # even the failure cannot be reported: the dead letter says why
+            log.exception("completion could not be failed", extra={"completion_id": completion_id})
+            return out, True
+        tracked.state = result.state
+        self._changed(tracked.state.completion_id, tracked)
+        if handle is not None:
+            tracked.pending.append(handle)
+        return [*out, *done], False
 
     def _expire_before(
         self, completion_id: str, tracked: Tracked | None, offset: int, timestamp_ms: int | None
@@ -232,8 +326,11 @@ class Processor:
 
     def _outputs(self, completion_id: str, result: engine.FoldResult) -> list[Output]:
         key = completion_id.encode("utf-8")
+        events_topic = self.settings.events_topic
         out = [
-            Output(self.settings.events_topic, key, codec.dumps(outputs.event_value(completion_id, event)))
+            Output(
+                events_topic, key, self._fitted(events_topic, key, outputs.event_value(completion_id, event))
+            )
             for event in result.events
         ]
         self.stats.events_out += len(out)
@@ -254,8 +351,28 @@ class Processor:
                 self.stats.metrics.time_to_first_token_s.observe(timing["time_to_first_token_ms"] / 1000)
             if timing["tokens_per_second"] is not None:
                 self.stats.metrics.tokens_per_second.observe(timing["tokens_per_second"])
-            out.append(Output(self.settings.done_topic, key, codec.dumps(result.done)))
+            out.append(
+                Output(
+                    self.settings.done_topic, key, self._fitted(self.settings.done_topic, key, result.done)
+                )
+            )
         return out
+
+    def _fitted(self, topic: str, key: bytes, value: dict[str, Any]) -> bytes:
+        """``value``'s JSON, cut to fit ``topic`` when it is larger than the topic accepts."""
+        data = codec.dumps(value)
+        budget = fit.value_budget(self.limits[topic], key)
+        if len(data) <= budget:
+            return data
+        self.stats.truncated[topic] = self.stats.truncated.get(topic, 0) + 1
+        log.warning(
+            "output cut to fit %s (%d bytes, budget %d)",
+            topic,
+            len(data),
+            budget,
+            extra={"completion_id": value.get("completion_id")},
+        )
+        return fit.fit(value, budget)
 
     def _deadletter(
         self,
@@ -289,7 +406,9 @@ class Processor:
             offset=offset,
             timestamp_ms=timestamp_ms,
         )
-        return Output(self.settings.deadletter_topic, key or b"", codec.dumps(dead))
+        topic = self.settings.deadletter_topic
+        dead_key = (key or b"")[:MAX_KEY_BYTES]
+        return Output(topic, dead_key, self._fitted(topic, dead_key, dead))
 
     # -- write-behind ---------------------------------------------------------------------
 
@@ -399,13 +518,32 @@ class Processor:
         if not self.unscanned:
             return 0
         loaded = 0
-        for completion_id in {completion_of(key) for key, _ in self.store.items()} - self.tracked.keys():
-            restored = restore(completion_id, self.store.get)
+        for completion_id in self._stored_completions() - self.tracked.keys():
+            try:
+                restored = restore(completion_id, self.store.get)
+            except (CorruptState, StateVersionError) as exc:
+                self._skip_unreadable(completion_id, exc)
+                continue
             if restored is not None and restored.partition in self.unscanned:
                 self.tracked[completion_id] = Tracked(restored.state, restored.cursor, restored.partition)
                 loaded += 1
         self.unscanned.clear()
         return loaded
+
+    def _stored_completions(self) -> set[str]:
+        """The completion ids the store holds entries for; a key that is no completion's is
+        skipped (logged and counted), so that one bad entry cannot stop an assignment."""
+        ids: set[str] = set()
+        for key, _ in self.store.items():
+            try:
+                ids.add(completion_of(key))
+            except CorruptState as exc:
+                self._skip_unreadable(key, exc)
+        return ids
+
+    def _skip_unreadable(self, what: str, exc: ValueError) -> None:
+        self.stats.unreadable_state += 1
+        log.warning("stored state skipped: %s", exc, extra={"completion_id": what[:200]})
 
     def metrics_text(self, highwater: Callable[[int], int | None]) -> str:
         """Prometheus exposition; ``highwater(partition)`` gives the input topic's end offset."""
@@ -431,6 +569,11 @@ class Processor:
                     "status",
                 ),
                 "chunkfold_deadletters_total": ("dead-letter records by reason", s.deadletters, "reason"),
+                "chunkfold_truncated_outputs_total": (
+                    "output records cut to fit their topic, by topic",
+                    s.truncated,
+                    "topic",
+                ),
                 "chunkfold_state_writes_total": (
                     "state store writes (changelog records)",
                     s.state_writes,

@@ -37,12 +37,14 @@ class PartitionTransactions:
         *,
         request_timeout_ms: int,
         linger_ms: int,
+        max_request_size: int,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.app_id = app_id
         self.input_topic = input_topic
         self.request_timeout_ms = request_timeout_ms
         self.linger_ms = linger_ms
+        self.max_request_size = max_request_size
         self.producers: dict[int, AIOKafkaProducer] = {}
         self.open: set[int] = set()
         """Partitions whose transaction has begun and is not committed yet."""
@@ -60,6 +62,7 @@ class PartitionTransactions:
                 transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
                 request_timeout_ms=self.request_timeout_ms,
                 linger_ms=self.linger_ms,
+                max_request_size=self.max_request_size,
             )
             for p in new
         }

@@ -142,6 +142,29 @@ def expire(state: AnyState, now_ms: int | None) -> FoldResult:
     return result
 
 
+def fail(state: CompletionState, error_type: str, message: str, now_ms: int | None) -> FoldResult:
+    """Close an open completion that a record could not be folded into for a reason no input
+    check foresaw (status ``failed``, the error in its done record), so its consumers get an
+    answer instead of waiting for it to expire. Its state may be half-updated by the failed
+    fold: when even its partial completion cannot be built, the done record carries none."""
+    error = {"type": error_type, "message": message}
+    state.status, state.error = Status.FAILED, error
+    result = FoldResult(state)
+    try:
+        _close(state, Status.FAILED, now_ms, result)
+    except Exception:  # the state is what broke: report the failure without its completion
+        result.done = _done_record(state, Status.FAILED, error, None)
+        result.state = ClosedCompletion(
+            state.completion_id,
+            Status.FAILED,
+            state.last_offset,
+            state.next_seq,
+            now_ms,
+            state.last_activity_ms,
+        )
+    return result
+
+
 def idle_since_ms(state: AnyState) -> int | None:
     """Time of the last record folded into ``state`` (or of its end, for a tombstone)."""
     if isinstance(state, ClosedCompletion):

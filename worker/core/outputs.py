@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -41,7 +42,8 @@ def deadletter_value(
     timestamp_ms: int | None,
 ) -> dict[str, Any]:
     """A ``completion-deadletter`` value; the original bytes travel base64-encoded (and as text
-    when they are UTF-8) so nothing of a bad record is lost."""
+    when they are UTF-8) so nothing of a bad record is lost, with the value's size and SHA-256
+    (which still identify it when the size policy keeps only a prefix)."""
     return {
         "version": 1,
         "reason": reason,
@@ -54,6 +56,8 @@ def deadletter_value(
         "headers": [
             {"key": k, "value_b64": base64.b64encode(v or b"").decode("ascii")} for k, v in headers or ()
         ],
+        "value_bytes": None if value is None else len(value),
+        "value_sha256": None if value is None else hashlib.sha256(value).hexdigest(),
     }
 
 

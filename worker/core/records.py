@@ -14,6 +14,9 @@ from worker.core import codec
 
 KIND_HEADER = "chunkfold.kind"
 SEQ_HEADER = "chunkfold.seq"
+MAX_KEY_BYTES = 128 * 1024
+"""The longest completion id: it keys and is repeated in every output record, which must still
+leave room for content within a topic's limit."""
 DEFAULT_MAX_RECORD_BYTES = 1 << 20
 CHUNK_OBJECT = "chat.completion.chunk"
 
@@ -69,6 +72,8 @@ def decode_record(
     """Turn one raw input record into ``(completion_id, InputRecord)`` or raise ``InvalidRecord``."""
     if not key:
         raise InvalidRecord("missing_key", "record has no key (the completion id)")
+    if len(key) > MAX_KEY_BYTES:
+        raise InvalidRecord("key_too_large", f"key is {len(key)} bytes, limit {MAX_KEY_BYTES}")
     try:
         completion_id = key.decode("utf-8")
     except UnicodeDecodeError:
