@@ -8,7 +8,9 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +272,24 @@ def test_each_migration_lands_whole_or_not_at_all(db: Database) -> None:
     assert applied_versions(db) == [1, 2, 3]
     store.write_batch([record(0, 0, done_value())])
     assert rows(store, "SELECT note, tag FROM completions") == [(None, "why?")]
+
+
+def test_sinks_starting_together_apply_each_migration_once(database: str) -> None:
+    connections = [connect(database) for _ in range(3)]
+    start = threading.Barrier(len(connections))
+
+    def migrate(db: Database) -> list[int]:
+        start.wait()
+        return AuditStore(db).migrate()
+
+    try:
+        with ThreadPoolExecutor(len(connections)) as pool:
+            applied = list(pool.map(migrate, connections))
+        assert sorted(v for versions in applied for v in versions) == [1, 2]
+        assert applied_versions(connections[0]) == [1, 2]
+    finally:
+        for db in connections:
+            db.close()
 
 
 def test_a_schema_newer_than_the_sink_is_refused(db: Database) -> None:
