@@ -434,12 +434,14 @@ class AuditStore:
     def migrate(self, migrations: Sequence[Migration] | None = None) -> list[int]:
         """Apply the migrations the database lacks, in order, each in its own transaction with
         its ``schema_migrations`` row (all of it or none of it lands), under the schema lock so
-        that sinks starting together apply each once; the versions applied."""
+        that sinks starting together apply each once; the versions applied. A schema ahead of
+        the last one known raises :class:`SchemaTooNew`: this release cannot know its columns."""
         steps = MIGRATIONS if migrations is None else tuple(migrations)
         _check_numbering(steps)
         return [m.version for m in steps if self._apply(m, latest=steps[-1].version)]
 
     def _apply(self, migration: Migration, latest: int) -> bool:
+        """Apply ``migration`` unless the database has it; whether it was applied."""
         self.db.begin()
         try:
             self.db.lock_schema()
