@@ -16,7 +16,7 @@ from schemas.events import parse_event
 from tests.streams import USAGE, choice, chunk
 from worker.app.processor import MemoryStore, Output, Processor
 from worker.config import Settings
-from worker.core import fit
+from worker.core import fit, persist
 from worker.core.records import KIND_HEADER, MAX_KEY_BYTES
 
 pytestmark = pytest.mark.unit
@@ -174,3 +174,37 @@ def test_a_request_context_near_the_input_limit_still_gives_a_done_record_that_f
     assert_all_fit(p, out)
     [done] = [parse_done(o.value) for o in out if o.topic == p.settings.done_topic]
     assert done.status == "completed" and done.truncated
+
+
+def test_state_writes_stay_within_a_changelog_record_and_restore_exactly() -> None:
+    """Three 400 KB chunks between two flushes, and a request context near the input limit:
+    every state write is at most SEGMENT_BYTES, and a worker restoring them mid-stream finishes
+    the completion byte for byte as one that never stopped."""
+    request = {"model": "m", "messages": [{"role": "user", "content": "\x01q" * 300_000}]}
+    parts = ["".join(random.Random(n).choices('ab"\\\n ', k=400_000)) for n in range(3)]
+    records = [(KEY, orjson.dumps(request), [(KIND_HEADER, b"request")]), *content_stream(parts)]
+    uninterrupted = run(processor(), records)
+
+    store = MemoryStore()
+    first = Processor(Settings(partitions=1), store)
+    first.assign([0])
+    half = len(records) - 3
+    out = run(first, records[:half])
+    batch = first.capture()
+    assert max(len(value or b"") for _, _, value in batch.writes) <= persist.SEGMENT_BYTES
+    assert len(batch.writes) > 3
+    first.apply(batch)
+    second = Processor(Settings(partitions=1), store)
+    second.assign([0])
+    for offset, (key, value, headers) in enumerate(records[half:], start=half):
+        got, _ = second.process(
+            partition=0,
+            offset=offset,
+            key=key,
+            value=value,
+            headers=headers,
+            timestamp_ms=offset,
+            handle=None,
+        )
+        out += got
+    assert [o.value for o in out] == [o.value for o in uninterrupted]

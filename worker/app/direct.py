@@ -738,7 +738,7 @@ class DirectWorker:
                     seen = changed[tp.partition]
                     for m in messages:
                         if m.key is not None:
-                            key = m.key.decode("utf-8")
+                            key = m.key.decode("utf-8", "replace")
                             self.store.load(tp.partition, key, m.value)
                             if local is not None:
                                 seen[key] = m.value

@@ -47,6 +47,10 @@ KEY_ESCAPE = "\x10"
 _ESCAPED_SEPARATOR = KEY_ESCAPE + "s"
 _ESCAPE_SEQUENCE = re.compile(f"{KEY_ESCAPE}(.?)", re.DOTALL)
 
+SEGMENT_BYTES = 256 * 1024
+"""The largest stored value: a changelog record is this plus its key (at most the 128 KiB of a
+completion id, escaped), well within the 1 MiB most topics accept."""
+
 Write = tuple[str, bytes | None]
 """A store write: ``(key, value)``; value None deletes the key."""
 
@@ -178,8 +182,32 @@ def flush_writes(state: AnyState, cursor: Cursor, partition: int) -> list[Write]
     cursor.lengths = writer.lengths
     if not segment:
         return []
-    cursor.segments += 1
-    return [(segment_key(completion_id, cursor.segments - 1), codec.dumps(segment))]
+    writes = []
+    for part in _parts(codec.dumps(segment)):
+        writes.append((segment_key(completion_id, cursor.segments), part))
+        cursor.segments += 1
+    return writes
+
+
+def _parts(data: bytes) -> list[bytes]:
+    """A segment as stored: itself, or when over ``SEGMENT_BYTES`` (a flush can gather several
+    large chunks, and a request context may be nearly as large as a record) its JSON text in
+    pieces, each ``{"part": text}`` and the last ``{"part": text, "end": true}``, stored under
+    consecutive segment numbers: every changelog record stays well within a topic's limit."""
+    if len(data) <= SEGMENT_BYTES:
+        return [data]
+    text = data.decode("utf-8")
+    parts: list[bytes] = []
+    start, size = 0, SEGMENT_BYTES - 64
+    while start < len(text):
+        piece = codec.dumps({"part": text[start : start + size]})
+        if len(piece) > SEGMENT_BYTES:
+            size //= 2  # escapes doubled the piece: take less
+            continue
+        start += size
+        parts.append(piece)
+    parts[-1] = parts[-1][:-1] + b',"end":true}'
+    return parts
 
 
 def delete_writes(completion_id: str, cursor: Cursor | None) -> list[Write]:
@@ -253,17 +281,25 @@ def _restore(completion_id: str, read: Callable[[str], bytes | None]) -> Restore
     buffers: dict[str, bytearray] = {}
     request = None
     n = 0
+    pieces: list[str] = []
     while (raw := read(segment_key(completion_id, n))) is not None:
+        n += 1
         segment = codec.loads(raw)
+        if "part" in segment:
+            pieces.append(segment["part"])
+            if not segment.get("end"):
+                continue
+            segment, pieces = codec.loads("".join(pieces)), []
         head.update(segment.get("d", {}))
         for index, delta in segment.get("c", {}).items():
             choices.setdefault(index, {}).update(delta)
         request = segment.get("request", request)
         for buffer_id, text in segment.get("b", {}).items():
             buffers.setdefault(buffer_id, bytearray()).extend(text.encode("utf-8"))
-        n += 1
     if n == 0:
         return None
+    if pieces:
+        raise CorruptState(f"stored state of {completion_id[:80]!r}: a segment's last part is missing")
     # the head as stored (not as the state would now write it: a state of an older version
     # is converted when read, and the next flush writes the fields that changed by it)
     cursor = Cursor(
