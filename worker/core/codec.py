@@ -41,8 +41,34 @@ def loads_value(data: bytes | str) -> Any:
 
 
 def dumps(value: Any) -> bytes:
-    """Compact JSON bytes; non-str dict keys are stringified, floats keep their value."""
-    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    """Compact JSON bytes; non-str dict keys are stringified, floats keep their value, and
+    integers of any size are written exactly (jiter parses model output's to Python ints,
+    which orjson refuses beyond 64 bits)."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    except orjson.JSONEncodeError:
+        # rare: a second pass with the big integers as JSON fragments, so every other byte is
+        # still orjson's own; a value that fails for another reason fails again here
+        return orjson.dumps(_exact_big_ints(value), option=orjson.OPT_NON_STR_KEYS)
+
+
+_INT_RANGE = range(-(2**63), 2**64)
+"""The integers orjson writes itself: int64 and uint64."""
+
+
+def _exact_big_ints(value: Any) -> Any:
+    """``value`` with every integer outside ``_INT_RANGE`` as a JSON fragment of its digits
+    (and as the string of its digits where it is a dict key, as OPT_NON_STR_KEYS writes ints)."""
+    if isinstance(value, dict):
+        return {
+            str(k) if type(k) is int and k not in _INT_RANGE else k: _exact_big_ints(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [_exact_big_ints(v) for v in value]
+    if type(value) is int and value not in _INT_RANGE:
+        return orjson.Fragment(str(value).encode("ascii"))
+    return value
 
 
 def embedded(data: bytes) -> Any:
