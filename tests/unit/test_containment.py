@@ -145,3 +145,22 @@ def test_stream_time_moves_only_for_records_that_fold() -> None:
     feeder.feed(b"a", orjson.dumps(chunk(choice(0, content="x"), cid="a")), NOW_MS - 5)
     feeder.feed(b"b", b"{broken", NOW_MS)
     assert feeder.processor.stream_time[0] == NOW_MS - 5
+
+
+def test_a_completion_that_cannot_be_expired_ends_failed_and_the_sweep_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    feeder = make()
+    for record in [*stream("broken", ["a"])[:2], *stream("fine", ["b"])[:2]]:
+        feeder.feed(*record)
+    real_expire = engine.expire
+
+    def faulty_expire(state: Any, now_ms: int | None) -> engine.FoldResult:
+        if state.completion_id == "broken":
+            raise KeyError("injected")
+        return real_expire(state, now_ms)
+
+    monkeypatch.setattr(engine, "expire", faulty_expire)
+    out = feeder.processor.sweep(NOW_MS + 3_600_000)
+    statuses = {o.key: parse_done(o.value).status for o in out if o.topic == "completion-done"}
+    assert statuses == {b"broken": "failed", b"fine": "expired"}

@@ -301,7 +301,13 @@ class Processor:
     def _expire(
         self, completion_id: str, tracked: Tracked, state: CompletionState, now_ms: int
     ) -> list[Output]:
-        result = engine.expire(state, now_ms)
+        """End an idle completion ``expired``; if its state cannot even be closed (a fault no
+        input check foresaw), end it ``failed`` instead of stopping the sweep."""
+        try:
+            result = engine.expire(state, now_ms)
+        except Exception as exc:
+            log.exception("expiring a completion failed", extra={"completion_id": completion_id})
+            result = engine.fail(state, "InternalError", f"{type(exc).__name__}: {exc}"[:1000], now_ms)
         assert result.state is not None
         tracked.state = result.state
         self._changed(completion_id, tracked)
