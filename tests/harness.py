@@ -18,6 +18,7 @@ from typing import Any, Self
 import orjson
 
 from tests.recorded import FIXTURES
+from tests.shapes import gateway_records as shape_records
 from worker.config import Settings
 from worker.gateway import GatewayRecord, capture_records, interleave, load_captures
 from worker.kafka_io import output_consumer
@@ -114,6 +115,8 @@ class Collected:
     deadletters: list[dict[str, Any]] = field(default_factory=list)
     first_done_at: dict[bytes, float] = field(default_factory=dict)
     """Completion key -> when its first completion-done was appended (epoch s)."""
+    largest: dict[str, int] = field(default_factory=dict)
+    """Topic -> the largest record read from it (key plus value bytes)."""
 
     def repeats(self) -> tuple[int, int]:
         """(repeated completion-done records, repeated events) before de-duplication."""
@@ -167,6 +170,8 @@ async def _collect(
             for tp, messages in batch.items():
                 for m in messages:
                     assert m.value is not None
+                    size = len(m.key or b"") + len(m.value)
+                    got.largest[tp.topic] = max(got.largest.get(tp.topic, 0), size)
                     if tp.topic == settings.events_topic:
                         assert m.key is not None
                         got.events.append((m.key, orjson.loads(m.value)))
@@ -395,11 +400,17 @@ def start_workers(settings: Settings, count: int, tmp_path: Path, started: list[
     wait_group_stable(settings, count)
 
 
-def recorded_records(repeat: int = 1, concurrency: int = 0) -> tuple[list[GatewayRecord], int]:
+def recorded_records(
+    repeat: int = 1, concurrency: int = 0, *, shapes: int = 0
+) -> tuple[list[GatewayRecord], int]:
+    """The recorded API streams ``repeat`` times (as distinct completions), plus ``shapes``
+    generated streams per repeat carrying every field shape the engine accumulates
+    (``tests.shapes``), interleaved; and how many completions that is."""
     streams: list[list[GatewayRecord]] = []
     for _, text, request in load_captures([FIXTURES]):
         for n in range(repeat):
             streams += capture_records(text, request, key_suffix=f"-{n}" if repeat > 1 else "").values()
+    streams += [shape_records(k, f"shapes-{k}") for k in range(repeat * shapes)]
     return list(interleave(streams, seed=repeat, concurrency=concurrency)), len(streams)
 
 

@@ -18,6 +18,9 @@ ORDER = (
     "broker restart [exactly_once]",
     "broker failover (3 nodes, RF 3)",
     "malformed barrage",
+    "hostile records (direct, at_least_once)",
+    "hostile records (direct, exactly_once)",
+    "hostile records (faust, at_least_once)",
     "abandoned streams",
 )
 HEADER = (
@@ -39,6 +42,22 @@ def row(r: dict[str, Any]) -> str:
             str(r["lost"]),
             f"{r['repeated_done_before_dedup']} / –",
             str(r["duplicated_after_dedup"]),
+            "worker never restarted",
+        ]
+    elif name.startswith("hostile records"):
+        reasons = ", ".join(f"{n:,} {reason}" for reason, n in sorted(r["dead_letter_reasons"].items()))
+        statuses = ", ".join(
+            f"{n} {status}" for status, n in sorted(r["hostile_completion_statuses"].items())
+        )
+        cells = [
+            "–",
+            f"{r['dead_lettered']:,} dead-lettered ({reasons}); hostile completions ended: {statuses}; "
+            f"{r['truncated_outputs']} done records cut to fit, largest output "
+            f"{r['largest_output_bytes']:,} B",
+            f"{r['hostile_records']:,}",
+            str(r["lost"]),
+            "–",
+            "–",
             "worker never restarted",
         ]
     elif name == "abandoned streams":

@@ -15,7 +15,7 @@ from typing import NamedTuple, cast
 import orjson
 import pytest
 
-from tests.fault.test_faults import write_report
+from tests.fault.test_faults import SHAPES, write_report
 from tests.harness import (
     TIMING_FREE,
     BackgroundProducer,
@@ -142,7 +142,7 @@ def _mix(rng: random.Random, good: list[GatewayRecord], bad: list[GatewayRecord]
 
 def test_malformed_barrage(kafka: str, tmp_path: Path, workers: list[WorkerProcess]) -> None:
     rng = random.Random(11)
-    clean, completions = recorded_records(repeat=4)
+    clean, completions = recorded_records(repeat=4, shapes=SHAPES)
     anomalous = _with_seq_anomalies(rng, clean)
     bad = _bad_records(rng, clean)
     records = _mix(rng, anomalous.records, [r for r, _ in bad])

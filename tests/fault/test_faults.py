@@ -61,6 +61,10 @@ def write_report(name: str, **figures: Any) -> None:
 MIN_IN_FLIGHT = 200
 """Completions started but not finished publishing at the moment of each fault ("hundreds")."""
 MAX_RECOVERY_S = 60.0
+SHAPES = 10
+"""Generated completions per repeat of the recordings, with every field shape the engine
+accumulates (legacy function_call, audio, annotations, reasoning, n>1 ...): a restore that lost
+any of them would change a final completion."""
 
 
 def completion_delays(got: Collected, producer: BackgroundProducer, since: float) -> list[float]:
@@ -116,7 +120,7 @@ def test_worker_kill_9_and_restart(
     """kill -9, restart; once the restarted worker owns the partitions again (the group has
     dropped the dead member), kill -9 it again and restart."""
     settings = fresh_settings(kafka, processing_guarantee=guarantee)
-    records, completions = recorded_records(repeat=24)
+    records, completions = recorded_records(repeat=24, shapes=SHAPES)
     start_workers(settings, 1, tmp_path, workers)
     producer = BackgroundProducer(settings, records, rate=1200)
     producer.start()
@@ -140,7 +144,7 @@ def test_rebalance_1_to_3_to_1(
     kafka: str, tmp_path: Path, workers: list[WorkerProcess], guarantee: str
 ) -> None:
     settings = fresh_settings(kafka, partitions=6, processing_guarantee=guarantee)
-    records, completions = recorded_records(repeat=16)
+    records, completions = recorded_records(repeat=16, shapes=SHAPES)
     start_workers(settings, 1, tmp_path, workers)
     producer = BackgroundProducer(settings, records, rate=700)
     producer.start()
@@ -166,7 +170,7 @@ def test_switching_between_the_faust_and_direct_drivers_mid_stream(
     """Both drivers use the same group, committed offsets and state changelog: a deployment can
     stop one and start the other while completions are open, and they are finished unchanged."""
     settings = fresh_settings(kafka)
-    records, completions = recorded_records(repeat=4)
+    records, completions = recorded_records(repeat=4, shapes=SHAPES)
     workers.append(WorkerProcess(replace(settings, driver="faust"), tmp_path / "worker-faust-0.log").start())
     wait_group_stable(settings, 1)
     producer = BackgroundProducer(settings, records, rate=600)
@@ -199,7 +203,7 @@ def test_broker_restart(
     own_broker: Any, tmp_path: Path, workers: list[WorkerProcess], guarantee: str
 ) -> None:
     settings = fresh_settings(own_broker.bootstrap, processing_guarantee=guarantee)
-    records, completions = recorded_records(repeat=8)
+    records, completions = recorded_records(repeat=8, shapes=SHAPES)
     start_workers(settings, 1, tmp_path, workers)
     producer = BackgroundProducer(settings, records, rate=1200)
     producer.start()
@@ -339,7 +343,7 @@ def leaders(bootstrap: str, topic: str) -> dict[int, int]:
 
 def test_failover_of_the_leading_broker(cluster: Any, tmp_path: Path, workers: list[WorkerProcess]) -> None:
     settings = fresh_settings(cluster.bootstrap, replication_factor=3)
-    records, completions = recorded_records(repeat=8)
+    records, completions = recorded_records(repeat=8, shapes=SHAPES)
     start_workers(settings, 1, tmp_path, workers)
     producer = BackgroundProducer(settings, records, rate=1000)
     producer.start()
