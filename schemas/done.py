@@ -13,7 +13,8 @@ Status = Literal["completed", "length", "content_filter", "aborted", "expired", 
 
 class ErrorInfo(BaseModel):
     type: str = Field(
-        description="SDK exception class (APIError, ValidationError, ...) or Aborted / EmptyStream"
+        description="SDK exception class (APIError, ValidationError, ...) or Aborted / EmptyStream; "
+        "SchemaError (status unchanged): a request schema was invalid and its output not validated"
     )
     message: str
 
@@ -38,6 +39,9 @@ class Anomalies(BaseModel):
     seq_gaps: int = Field(description="times chunkfold.seq jumped forward")
     missing_records: int = Field(description="records skipped over by those jumps")
     skipped_frames: int = Field(description="non-chunk frames (object other than chat.completion.chunk)")
+    seq_invalid: int = Field(
+        description="chunkfold.seq headers ignored: jumps too far ahead to be records lost in between"
+    )
 
 
 class DoneRecord(BaseModel):

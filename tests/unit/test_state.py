@@ -76,6 +76,7 @@ def test_replayed_records_are_skipped_and_seq_duplicates_counted() -> None:
         "seq_gaps": 1,
         "missing_records": 1,
         "skipped_frames": 0,
+        "seq_invalid": 0,
     }
 
 
@@ -92,7 +93,7 @@ def test_a_version_1_state_is_still_read() -> None:
     assert isinstance(state, CompletionState)
     state.counters.duplicates_dropped, state.counters.seq_gaps = 2, 3
     data = orjson.loads(encode_state(state))
-    chunks, duplicates, gaps, missing, frames = data["counters"]
+    chunks, duplicates, gaps, missing, frames = data["counters"][:5]  # v1 had no later counters
     choices = [{**c, "logprobs": c["logprobs"][:3]} for c in data["choices"]]
     v1 = {**data, "v": 1, "counters": [chunks, duplicates, 5, gaps, missing, frames, 0], "choices": choices}
     restored = decode_state(orjson.dumps(v1))

@@ -25,9 +25,14 @@ from worker.core.state import (
     RequestSpec,
     ToolCallState,
 )
-from worker.core.validation import SchemaValidationError, parse_and_validate
+from worker.core.validation import VALIDATION_STEPS, Budget, SchemaValidationError, parse_and_validate
 
 DONE_RECORD_VERSION = 1
+MAX_SEQ_JUMP = 1024
+"""The furthest ``chunkfold.seq`` may jump ahead of the next expected one and still be taken as
+records lost in between (``seq_gaps``). A larger jump is a bogus header: taken at its word it
+would make every later record of the completion a "duplicate". It is counted (``seq_invalid``)
+and the record is folded as one without the header."""
 TRUNCATING_FINISH_REASONS = ("length", "content_filter")
 _TEXT_KEYS = frozenset({*TEXT_FIELDS, *REASONING_FIELDS})
 _SKIP_CHOICE_KEYS = frozenset({"index", "delta", "finish_reason", "logprobs"})
@@ -182,10 +187,13 @@ def _advance(state: CompletionState, offset: int | None, seq: int | None, ts: in
         state.last_offset = offset
     if seq is not None:
         expected = state.next_seq if state.next_seq is not None else 0
-        if seq > expected:
-            state.counters.seq_gaps += 1
-            state.counters.missing_records += seq - expected
-        state.next_seq = seq + 1
+        if seq - expected > MAX_SEQ_JUMP:
+            state.counters.seq_invalid += 1
+        else:
+            if seq > expected:
+                state.counters.seq_gaps += 1
+                state.counters.missing_records += seq - expected
+            state.next_seq = seq + 1
     if ts is not None:
         state.last_activity_ms = ts
 
@@ -742,7 +750,7 @@ def _parse_content(state: CompletionState, cs: ChoiceState, content: str) -> Any
     if not state.spec.structured or not content or cs.text.get("refusal"):
         return None
     try:
-        return parse_and_validate(content, state.spec.response_schema_json)
+        return _validated(state, content, state.spec.response_schema_json)
     except SchemaValidationError as exc:
         raise _StreamError("ValidationError", f"choice {cs.index} content: {exc}") from None
 
@@ -752,11 +760,21 @@ def _parse_tool_arguments(state: CompletionState, tool: ToolCallState) -> Any:
     if spec is None or not spec.strict:
         return None
     try:
-        return parse_and_validate(tool.arguments_text(), spec.schema_json)
+        return _validated(state, tool.arguments_text(), spec.schema_json)
     except SchemaValidationError as exc:
         raise _StreamError(
             "ValidationError", f"tool call {tool.index} ({tool.name}) arguments: {exc}"
         ) from None
+
+
+def _validated(state: CompletionState, text: str | None, schema_json: bytes | None) -> Any:
+    """``parse_and_validate`` spending from the completion's validation budget, whose count is
+    kept in its state: a restored completion goes on with exactly the budget it had left."""
+    budget = Budget(VALIDATION_STEPS - state.counters.validation_steps)
+    try:
+        return parse_and_validate(text, schema_json, budget)
+    finally:
+        state.counters.validation_steps += budget.spent
 
 
 def _accumulate_value(acc: dict[str, Any], key: str, value: Any) -> None:
@@ -954,6 +972,8 @@ def _close(
         completion, _ = build_completion(state, parse_unfinished=False, embed=True)
         if status == Status.ABORTED and abort_reason is not None:
             error = {"type": "Aborted", "message": str(abort_reason)}
+    if error is None and state.spec.schema_problem is not None:
+        error = {"type": "SchemaError", "message": state.spec.schema_problem}
     result.done = _done_record(state, status, error, completion)
     result.state = ClosedCompletion(
         state.completion_id, status, state.last_offset, state.next_seq, now_ms, state.last_activity_ms
@@ -1003,5 +1023,6 @@ def _done_record(
             "seq_gaps": c.seq_gaps,
             "missing_records": c.missing_records,
             "skipped_frames": c.skipped_frames,
+            "seq_invalid": c.seq_invalid,
         },
     }

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from worker.core import codec
+from worker.core.validation import check_schema
 
 STATE_VERSION = 3
 """2: the counters no longer hold ``replayed_skipped`` and ``records_after_end`` (a v1 state is
@@ -36,6 +37,9 @@ class RequestSpec:
     response_schema_json: bytes | None = None
     structured: bool = False
     tools: dict[str, ToolSpec] = field(default_factory=dict)
+    schema_problem: str | None = None
+    """Why the first unusable schema (invalid, or beyond what is checked) is ignored: output it
+    applies to is parsed without validation. Derived again on restore, so replays agree."""
 
     @property
     def parseable(self) -> bool:
@@ -52,22 +56,33 @@ class RequestSpec:
             json_schema = response_format.get("json_schema") or {}
             schema = json_schema.get("schema") if isinstance(json_schema, dict) else None
             spec.structured = True
-            spec.response_schema_json = codec.dumps(schema) if isinstance(schema, dict) else None
+            spec.response_schema_json = spec.checked(schema, "response_format")
         for tool in request.get("tools") or ():
             if not isinstance(tool, dict) or tool.get("type") != "function":
                 continue
             function = tool.get("function")
             if not isinstance(function, dict) or not isinstance(function.get("name"), str):
                 continue
-            params = function.get("parameters")
-            spec.tools.setdefault(
-                function["name"],
-                ToolSpec(
-                    strict=function.get("strict") is True,
-                    schema_json=codec.dumps(params) if isinstance(params, dict) else None,
-                ),
+            if function["name"] in spec.tools:
+                continue
+            strict = function.get("strict") is True
+            params = function.get("parameters") if strict else None  # only strict calls are validated
+            spec.tools[function["name"]] = ToolSpec(
+                strict=strict, schema_json=spec.checked(params, f"tool {function['name']!r} parameters")
             )
         return spec
+
+    def checked(self, schema: Any, what: str) -> bytes | None:
+        """The schema as canonical JSON if it is one that can be used; else None, noting why."""
+        if not isinstance(schema, dict):
+            return None
+        schema_json = codec.dumps(schema)
+        problem = check_schema(schema_json)
+        if problem is None:
+            return schema_json
+        if self.schema_problem is None:
+            self.schema_problem = f"{what} schema ignored, output not validated against it: {problem}"
+        return None
 
 
 @dataclass(slots=True)
@@ -128,6 +143,10 @@ class Counters:
     seq_gaps: int = 0
     missing_records: int = 0
     skipped_frames: int = 0
+    seq_invalid: int = 0
+    validation_steps: int = 0
+    """Spent from ``validation.VALIDATION_STEPS``: kept with the state so a restored completion
+    has exactly the budget it had left (not an anomaly, so not in the done record)."""
 
 
 @dataclass(slots=True)
