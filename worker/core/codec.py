@@ -78,8 +78,9 @@ def embedded(data: bytes) -> Any:
 
 
 def plain(value: Any) -> Any:
-    """``value`` with any ``embedded`` JSON in it parsed: a plain JSON value again."""
-    return orjson.loads(dumps(value))
+    """``value`` with any ``embedded`` JSON in it parsed: a plain JSON value again (jiter keeps
+    integers beyond 64 bits exact, where orjson would read them as floats)."""
+    return jiter.from_json(dumps(value))
 
 
 def loads_partial(data: bytes | bytearray) -> Any:

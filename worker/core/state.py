@@ -13,10 +13,13 @@ from typing import Any, Protocol
 from worker.core import codec
 from worker.core.validation import check_schema
 
-STATE_VERSION = 3
+STATE_VERSION = 4
 """2: the counters no longer hold ``replayed_skipped`` and ``records_after_end`` (a v1 state is
 still read: those two are dropped). 3: logprob buffers hold normalized entries (a v1/v2 state is
-still read: its buffers are marked ``logprobs_wire`` and normalized when they are output)."""
+still read: its buffers are marked ``logprobs_wire`` and normalized when they are output).
+4: the counters end with ``seq_invalid`` and ``validation_steps`` (a v3 state is read with
+both 0; a worker of an older release refuses a v4 state as unreadable instead of misreading
+it)."""
 
 TEXT_FIELDS = ("content", "refusal")
 REASONING_FIELDS = ("reasoning_content", "reasoning")
@@ -317,6 +320,8 @@ def state_from_dict(
         data = {**data, "v": STATE_VERSION}
         if "choices" in data:
             data["choices"] = [{**c, "logprobs": [*c["logprobs"], c["logprobs"][0]]} for c in data["choices"]]
+    if data.get("v") == 3:
+        data = {**data, "v": STATE_VERSION}
     if data.get("v") != STATE_VERSION:
         raise StateVersionError(f"unsupported state version {version!r}")
     if data.get("closed"):
