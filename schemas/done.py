@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.completion import CompletionUsage, ParsedChatCompletion
+from schemas.truncation import TRUNCATED_DESCRIPTION, Truncation
 
 Status = Literal["completed", "length", "content_filter", "aborted", "expired", "failed"]
 
@@ -61,6 +62,7 @@ class DoneRecord(BaseModel):
     chunk_count: int
     event_count: int
     anomalies: Anomalies
+    truncated: list[Truncation] | None = Field(None, description=TRUNCATED_DESCRIPTION)
 
 
 def parse_done(data: bytes | str) -> DoneRecord:
