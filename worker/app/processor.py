@@ -30,6 +30,11 @@ SWEEP_SLICE = 5_000
 log = logging.getLogger("chunkfold.worker")
 
 
+def _describe(exc: Exception) -> str:
+    """An unexpected exception in one line of bounded length, for a dead letter or done record."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:1000]
+
+
 class StateStore(Protocol):
     """Table storage: reads are local; writes go to the local store and the changelog of
     ``partition`` (the completion's input partition)."""
@@ -256,7 +261,7 @@ class Processor:
         state may be half updated: end it ``failed`` when it is open here. Deterministic like
         the fold itself, so a redelivery repeats the same outputs."""
         log.exception("record failed unexpectedly", extra={"partition": partition, "offset": offset})
-        detail = f"{type(exc).__name__}: {exc}"[:1000]
+        detail = _describe(exc)
         out = [
             self._deadletter(
                 InvalidRecord("internal_error", detail), partition, offset, key, value, headers, timestamp_ms
@@ -307,7 +312,7 @@ class Processor:
             result = engine.expire(state, now_ms)
         except Exception as exc:
             log.exception("expiring a completion failed", extra={"completion_id": completion_id})
-            result = engine.fail(state, "InternalError", f"{type(exc).__name__}: {exc}"[:1000], now_ms)
+            result = engine.fail(state, "InternalError", _describe(exc), now_ms)
         assert result.state is not None
         tracked.state = result.state
         self._changed(completion_id, tracked)
