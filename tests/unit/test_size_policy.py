@@ -30,9 +30,12 @@ def processor(limit: int = LIMIT) -> Processor:
     return p
 
 
-def run(p: Processor, records: list[tuple[bytes, bytes, list[tuple[str, bytes]]]]) -> list[Output]:
+def run(
+    p: Processor, records: list[tuple[bytes, bytes, list[tuple[str, bytes]]]], start: int = 0
+) -> list[Output]:
+    """Feed ``records`` at offsets from ``start`` (each record's timestamp is its offset)."""
     out: list[Output] = []
-    for offset, (key, value, headers) in enumerate(records):
+    for offset, (key, value, headers) in enumerate(records, start=start):
         got, _ = p.process(
             partition=0,
             offset=offset,

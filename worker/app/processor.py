@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from worker.app.metrics import Metrics, render
 from worker.config import Settings
@@ -69,6 +69,17 @@ class MemoryStore:
 
     def items(self) -> Iterable[tuple[str, bytes]]:
         return list(self.data.items())
+
+
+class Received(NamedTuple):
+    """One input record as the driver handed it over (what a dead letter reports)."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers | None
+    timestamp_ms: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,24 +184,14 @@ class Processor:
         self.stats.records_in += 1
         self.positions[partition] = offset
         now_ms = self.last_record_at[partition] = self.clock_ms()
+        received = Received(partition, offset, key, value, headers, timestamp_ms)
         try:
-            return self._process(partition, offset, key, value, headers, timestamp_ms, handle, now_ms)
+            return self._process(received, handle, now_ms)
         except Exception as exc:  # a record's content must never stop the worker
-            return self._contain(
-                exc, partition, offset, key, value, headers, timestamp_ms, handle, folded=True
-            )
+            return self._contain(exc, received, handle, folded=True)
 
-    def _process(
-        self,
-        partition: int,
-        offset: int,
-        key: bytes | None,
-        value: bytes | None,
-        headers: Headers | None,
-        timestamp_ms: int | None,
-        handle: Any,
-        now_ms: int,
-    ) -> tuple[list[Output], bool]:
+    def _process(self, received: Received, handle: Any, now_ms: int) -> tuple[list[Output], bool]:
+        partition, offset, key, value, headers, timestamp_ms = received
         try:
             completion_id, record = decode_record(
                 key,
@@ -202,18 +203,16 @@ class Processor:
             )
             tracked = self._load(completion_id, partition)
         except InvalidRecord as exc:
-            return [self._deadletter(exc, partition, offset, key, value, headers, timestamp_ms)], True
+            return [self._deadletter(exc, received)], True
         except Exception as exc:  # before the fold: no state was touched, the completion goes on
-            return self._contain(
-                exc, partition, offset, key, value, headers, timestamp_ms, handle, folded=False
-            )
+            return self._contain(exc, received, handle, folded=False)
         expired = self._expire_before(completion_id, tracked, offset, timestamp_ms)
         try:
             result = self.fold(tracked.state if tracked else None, completion_id, record, self.options)
         except InvalidRecord as exc:
             return [
                 *expired,
-                self._deadletter(exc, partition, offset, key, value, headers, timestamp_ms),
+                self._deadletter(exc, received),
             ], True
         if record.kind is RecordKind.CHUNK:
             self.stats.chunks_in += 1
@@ -244,35 +243,24 @@ class Processor:
             self.stream_time[partition] = latest
 
     def _contain(
-        self,
-        exc: Exception,
-        partition: int,
-        offset: int,
-        key: bytes | None,
-        value: bytes | None,
-        headers: Headers | None,
-        timestamp_ms: int | None,
-        handle: Any,
-        *,
-        folded: bool,
+        self, exc: Exception, received: Received, handle: Any, *, folded: bool
     ) -> tuple[list[Output], bool]:
         """An unexpected failure on one record: dead-letter it ``internal_error`` (with the
         exception class). When it came in or after the fold (``folded``), the completion's
         state may be half updated: end it ``failed`` when it is open here. Deterministic like
         the fold itself, so a redelivery repeats the same outputs."""
-        log.exception("record failed unexpectedly", extra={"partition": partition, "offset": offset})
+        log.exception(
+            "record failed unexpectedly", extra={"partition": received.partition, "offset": received.offset}
+        )
         detail = _describe(exc)
-        out = [
-            self._deadletter(
-                InvalidRecord("internal_error", detail), partition, offset, key, value, headers, timestamp_ms
-            )
-        ]
+        out = [self._deadletter(InvalidRecord("internal_error", detail), received)]
+        key = received.key
         completion_id = key.decode("utf-8", "replace") if key and folded else None
         tracked = self.tracked.get(completion_id) if completion_id is not None else None
         if tracked is None or not isinstance(tracked.state, CompletionState):
             return out, True
         try:
-            result = engine.fail(tracked.state, "InternalError", detail, timestamp_ms)
+            result = engine.fail(tracked.state, "InternalError", detail, received.timestamp_ms)
             assert result.state is not None
             done = self._outputs(tracked.state.completion_id, result)
         except Exception:  # even the failure cannot be reported: the dead letter says why
@@ -385,22 +373,14 @@ class Processor:
         )
         return fit.fit(value, budget)
 
-    def _deadletter(
-        self,
-        exc: InvalidRecord,
-        partition: int,
-        offset: int,
-        key: bytes | None,
-        value: bytes | None,
-        headers: Headers | None,
-        timestamp_ms: int | None,
-    ) -> Output:
+    def _deadletter(self, exc: InvalidRecord, received: Received) -> Output:
+        partition, offset, key, value, headers, timestamp_ms = received
         self.stats.deadletters[exc.reason] = self.stats.deadletters.get(exc.reason, 0) + 1
         log.warning(
             "record dead-lettered: %s",
             exc.detail or exc.reason,
             extra={
-                "completion_id": (key or b"").decode("utf-8", "replace"),
+                "completion_id": (key or b"")[:256].decode("utf-8", "replace"),
                 "reason": exc.reason,
                 "partition": partition,
                 "offset": offset,
