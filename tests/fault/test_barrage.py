@@ -188,7 +188,11 @@ def test_malformed_barrage(kafka: str, tmp_path: Path, workers: list[WorkerProce
     anomalies: Counter[str] = Counter()
     for d in done.values():
         anomalies.update({k: v for k, v in d["anomalies"].items() if v})
-    assert anomalies == Counter(
+    # the generated streams carry gateway retries of their own: what the clean run counts
+    inherent: Counter[str] = Counter()
+    for d in want_done.values():
+        inherent.update({k: v for k, v in d["anomalies"].items() if v})
+    assert anomalies == inherent + Counter(
         duplicates_dropped=anomalous.repeats, seq_gaps=anomalous.gaps, missing_records=anomalous.missing
     )
     write_report(
