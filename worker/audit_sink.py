@@ -287,6 +287,7 @@ COMPLETION_COLUMNS = (
     "record_sha256",
     "stored_at_ms",
     "record_version",
+    "truncated",
 )
 
 
@@ -414,9 +415,16 @@ def _record_version_column(db: Database) -> list[str]:
     return ["ALTER TABLE completions ADD COLUMN record_version INTEGER NOT NULL DEFAULT 1"]
 
 
+def _truncated_column(db: Database) -> list[str]:
+    """The done record's ``truncated`` (what the size policy cut to fit the topic, or null), so
+    that an audit row of a cut record is never taken for the whole completion."""
+    return [f"ALTER TABLE completions ADD COLUMN truncated {db.json_type}"]
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "tables of the first release", _first_release_tables),
     Migration(2, "completions.record_version", _record_version_column),
+    Migration(3, "completions.truncated", _truncated_column),
 )
 
 
@@ -640,6 +648,7 @@ class AuditStore:
             sha,
             now,
             done.version,
+            _json(raw.get("truncated")),
         )
 
 

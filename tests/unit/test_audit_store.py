@@ -223,6 +223,12 @@ def columns(db: Database, table: str) -> list[str]:
     return names
 
 
+ALL = [m.version for m in MIGRATIONS]
+"""Every migration this release has, 1, 2, ... in order."""
+NEXT = len(MIGRATIONS) + 1
+"""The version a newer release's next migration would have."""
+
+
 def applied_versions(db: Database) -> list[int]:
     found = [int(v) for (v,) in db.query("SELECT version FROM schema_migrations ORDER BY version")]
     db.commit()
@@ -232,9 +238,9 @@ def applied_versions(db: Database) -> list[int]:
 def test_a_first_release_database_is_brought_up_to_date(db: Database) -> None:
     first_release_database(db)
     store = AuditStore(db)
-    assert store.migrate() == [1, 2]
-    assert applied_versions(db) == [1, 2]
-    assert columns(db, "completions")[-1] == "record_version"
+    assert store.migrate() == ALL
+    assert applied_versions(db) == ALL
+    assert columns(db, "completions")[-2:] == ["record_version", "truncated"]
     assert store.stored_offsets(TOPIC) == {0: 1}, "the first release's offsets are kept"
     value = done_value()
     result = store.write_batch([record(0, 1, value)])
@@ -248,7 +254,7 @@ def test_each_migration_lands_whole_or_not_at_all(db: Database) -> None:
     store = AuditStore(db)
     store.migrate()
     broken = Migration(
-        3,
+        NEXT,
         "a note, then a mistake",
         lambda _db: [
             "ALTER TABLE completions ADD COLUMN note TEXT",
@@ -258,18 +264,18 @@ def test_each_migration_lands_whole_or_not_at_all(db: Database) -> None:
     with pytest.raises(Exception, match="no_such_table"):
         store.migrate([*MIGRATIONS, broken])
     assert "note" not in columns(db, "completions"), "the failed migration's first statement stays undone"
-    assert applied_versions(db) == [1, 2]
+    assert applied_versions(db) == ALL
     fixed = Migration(
-        3,
+        NEXT,
         "a note and a tag",
         lambda _db: [
             "ALTER TABLE completions ADD COLUMN note TEXT",
             "ALTER TABLE completions ADD COLUMN tag TEXT NOT NULL DEFAULT 'why?'",
         ],
     )
-    assert store.migrate([*MIGRATIONS, fixed]) == [3]
+    assert store.migrate([*MIGRATIONS, fixed]) == [NEXT]
     assert columns(db, "completions")[-2:] == ["note", "tag"]
-    assert applied_versions(db) == [1, 2, 3]
+    assert applied_versions(db) == [*ALL, NEXT]
     store.write_batch([record(0, 0, done_value())])
     assert rows(store, "SELECT note, tag FROM completions") == [(None, "why?")]
 
@@ -285,8 +291,8 @@ def test_sinks_starting_together_apply_each_migration_once(database: str) -> Non
     try:
         with ThreadPoolExecutor(len(connections)) as pool:
             applied = list(pool.map(migrate, connections))
-        assert sorted(v for versions in applied for v in versions) == [1, 2]
-        assert applied_versions(connections[0]) == [1, 2]
+        assert sorted(v for versions in applied for v in versions) == ALL
+        assert applied_versions(connections[0]) == ALL
     finally:
         for db in connections:
             db.close()
@@ -294,17 +300,19 @@ def test_sinks_starting_together_apply_each_migration_once(database: str) -> Non
 
 def test_a_schema_newer_than_the_sink_is_refused(db: Database) -> None:
     store = AuditStore(db)
-    newer = Migration(3, "from a newer release", lambda _db: ["CREATE TABLE newer (x INTEGER)"])
+    newer = Migration(NEXT, "from a newer release", lambda _db: ["CREATE TABLE newer (x INTEGER)"])
     store.migrate([*MIGRATIONS, newer])
-    with pytest.raises(SchemaTooNew, match="version 3; this audit sink knows versions up to 2"):
+    with pytest.raises(
+        SchemaTooNew, match=f"version {NEXT}; this audit sink knows versions up to {NEXT - 1}"
+    ):
         store.migrate()
-    assert applied_versions(db) == [1, 2, 3]
+    assert applied_versions(db) == [*ALL, NEXT]
 
 
 def test_the_command_refuses_a_newer_schema_before_reaching_kafka(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'audit.sqlite3'}"
     db = connect(url)
-    AuditStore(db).migrate([*MIGRATIONS, Migration(3, "from a newer release", lambda _db: [])])
+    AuditStore(db).migrate([*MIGRATIONS, Migration(NEXT, "from a newer release", lambda _db: [])])
     db.close()
     proc = subprocess.run(
         [
@@ -321,7 +329,10 @@ def test_the_command_refuses_a_newer_schema_before_reaching_kafka(tmp_path: Path
         timeout=60,
     )
     assert proc.returncode == 2, proc.stderr
-    assert b"schema is at version 3; this audit sink knows versions up to 2" in proc.stderr
+    assert (
+        f"schema is at version {NEXT}; this audit sink knows versions up to {NEXT - 1}".encode()
+        in proc.stderr
+    )
 
 
 def test_migrations_are_numbered_from_one_in_order(db: Database) -> None:
@@ -357,3 +368,22 @@ def test_values_with_markers_in_them_are_stored_as_they_are(store: AuditStore) -
     [(completion_id, request)] = rows(store, "SELECT completion_id, request FROM completions")
     assert completion_id == odd_id
     assert as_json(request) == value["request"]
+
+
+def test_a_cut_done_record_is_stored_with_what_was_cut(store: AuditStore) -> None:
+    value = done_value()
+    value["truncated"] = [
+        {
+            "path": "/completion/choices/0/message/content",
+            "original_bytes": 9,
+            "kept_bytes": 3,
+            "sha256": "ab",
+        }
+    ]
+    whole = {**done_value(), "completion_id": "whole"}
+    result = store.write_batch([record(0, 0, value), record(0, 1, whole)])
+    assert (result.stored, result.rejected) == (2, 0)
+    stored = dict(rows(store, "SELECT completion_id, truncated FROM completions"))
+    cut = stored[value["completion_id"]]  # text on SQLite, decoded by psycopg on PostgreSQL
+    assert (json.loads(cut) if isinstance(cut, str) else cut) == value["truncated"]
+    assert stored["whole"] is None
