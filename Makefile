@@ -11,11 +11,11 @@ KAFKA := $(BIN)/python deploy/kafka/kafka.py
 help: ## list the targets
 	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml schemas/pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,rocksdb]'
+	$(BIN)/pip install -q -e ./schemas -e '.[test,rocksdb,faust]'
 	touch $@
 
 install: $(STAMP) ## create the virtualenv and install chunkfold with its test tools
@@ -45,7 +45,7 @@ kafka-down: $(STAMP) ## stop the local Kafka broker
 	@$(KAFKA) down
 
 run: $(STAMP) ## broker (unless KAFKA_BOOTSTRAP_SERVERS is set) + worker + demo producer, with live progress
-	$(BIN)/python -m worker.demo
+	$(BIN)/python -m chunkfold.demo
 
 clean: ## remove caches and local broker data
 	-$(KAFKA) down

@@ -1,4 +1,4 @@
-"""A downstream service reading chunkfold's output topics, with only the ``schemas`` package.
+"""A downstream service reading chunkfold's output topics, with only the ``chunkfold_schemas`` package.
 
     pip install ./schemas aiokafka          # chunkfold-schemas (pydantic only) and a Kafka client
     KAFKA_BOOTSTRAP_SERVERS=localhost:9092 python examples/consumer.py [GROUP_ID]
@@ -6,7 +6,7 @@
 
 It consumes ``completion-events`` and ``completion-done`` as its own consumer group (or reads
 ``chunkfold replay --format kafka`` lines from standard input with ``-``), parses every value
-into its typed record (``schemas.events.parse_event``, ``schemas.done.parse_done``) and acts on
+into its typed record (``chunkfold_schemas.events.parse_event``, ``chunkfold_schemas.done.parse_done``) and acts on
 it once: delivery is at least once, so it drops repeats of an event by ``(completion_id, seq)``
 and of a finished completion by ``completion_id``. A real service would keep those keys in its
 own store (with a TTL) and commit offsets after its side effects. It prints one line per
@@ -17,7 +17,7 @@ finished text or refusal of a choice, finished tool call and finished completion
     chatcmpl-…: completed after 17 chunks, 93 tokens
 
 Invalid values are reported on standard error and skipped. The parsing part needs only
-``pydantic`` and ``schemas`` (which imports nothing from the worker); Kafka needs ``aiokafka``.
+``pydantic`` and ``chunkfold_schemas`` (which imports nothing from ``chunkfold``); Kafka needs ``aiokafka``.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from schemas.done import DoneRecord, parse_done
-from schemas.events import CompletionEvent, parse_event
+from chunkfold_schemas.done import DoneRecord, parse_done
+from chunkfold_schemas.events import CompletionEvent, parse_event
 
 EVENTS_TOPIC = os.environ.get("CHUNKFOLD_EVENTS_TOPIC", "completion-events")
 DONE_TOPIC = os.environ.get("CHUNKFOLD_DONE_TOPIC", "completion-done")

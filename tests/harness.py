@@ -17,12 +17,12 @@ from typing import Any, Self
 
 import orjson
 
+from chunkfold.config import Settings
+from chunkfold.gateway import GatewayRecord, capture_records, interleave, load_captures
+from chunkfold.kafka_io import output_consumer
+from chunkfold.produce import publish
 from tests.recorded import FIXTURES
 from tests.shapes import gateway_records as shape_records
-from worker.config import Settings
-from worker.gateway import GatewayRecord, capture_records, interleave, load_captures
-from worker.kafka_io import output_consumer
-from worker.produce import publish
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ class WorkerProcess:
             [
                 sys.executable,
                 "-m",
-                "worker.cli",
+                "chunkfold.cli",
                 "worker",
                 "--loglevel",
                 self.loglevel,
@@ -280,7 +280,7 @@ def offline_run(
     records: list[GatewayRecord], settings: Settings | None = None
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """``offline_reference`` plus the dead letters."""
-    from worker.app.processor import MemoryStore, Processor
+    from chunkfold.app.processor import MemoryStore, Processor
 
     settings = settings or Settings()
     processor = Processor(settings, MemoryStore())
@@ -354,7 +354,7 @@ class BackgroundProducer(threading.Thread):
             self.error = exc
 
     async def _run(self) -> None:
-        from worker.kafka_io import ensure_topics, make_producer
+        from chunkfold.kafka_io import ensure_topics, make_producer
 
         await ensure_topics(
             self.settings.bootstrap_servers, [self.settings.input_topic], self.settings.partitions

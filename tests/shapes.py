@@ -21,9 +21,9 @@ import random
 from itertools import pairwise
 from typing import Any, NamedTuple
 
-from worker.core import codec
-from worker.core.records import KIND_HEADER, SEQ_HEADER
-from worker.gateway import GatewayRecord
+from chunkfold.core import codec
+from chunkfold.core.records import KIND_HEADER, SEQ_HEADER
+from chunkfold.gateway import GatewayRecord
 
 ShapeRecord = tuple[str, bytes, list[tuple[str, bytes]]]
 """``(kind, value, headers)``: kind is chunk | request | done | abort."""

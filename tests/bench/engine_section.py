@@ -16,13 +16,13 @@ from openai._models import construct_type
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk, ChatCompletionToolUnionParam, ParsedChatCompletion
 
+from chunkfold.core import codec
+from chunkfold.core.engine import KAFKA_OPTIONS, FoldOptions, fold
+from chunkfold.core.records import decode_record
+from chunkfold.core.state import AnyState, CompletionState, encode_state
 from tests.bench.context import BenchContext, SectionResult, Verdict
 from tests.bench.measure import Timing, best_time, deep_size
 from tests.bench.streams import KINDS, Stream, make_stream, sdk_inputs
-from worker.core import codec
-from worker.core.engine import KAFKA_OPTIONS, FoldOptions, fold
-from worker.core.records import decode_record
-from worker.core.state import AnyState, CompletionState, encode_state
 
 SIZES = (64, 256, 1024, 4096)
 RATIO_N = 1024

@@ -26,8 +26,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from worker.app.direct import BatchSender
-from worker.kafka_io import make_producer
+from chunkfold.app.direct import BatchSender
+from chunkfold.kafka_io import make_producer
 
 PIPE_LINGER_MS = 2
 """The worker's ``producer_linger_ms``, so that both batch their output the same way."""

@@ -31,17 +31,17 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from chunkfold.app.processor import MemoryStore, Processor
+from chunkfold.config import Settings
+from chunkfold.core.persist import completion_of
+from chunkfold.core.records import KIND_HEADER, SEQ_HEADER
+from chunkfold.gateway import GatewayRecord, capture_records, interleave
+from chunkfold.kafka_io import ensure_topics
+from chunkfold.produce import publish
+from chunkfold.synthetic import KINDS, capture, make_stream
 from tests.bench.context import BenchContext, SectionResult, Verdict
 from tests.bench.kafka_procs import LoadPlan, read_times
 from tests.harness import ROOT, WorkerProcess, feed, fresh_settings, wait_group_stable
-from worker.app.processor import MemoryStore, Processor
-from worker.config import Settings
-from worker.core.persist import completion_of
-from worker.core.records import KIND_HEADER, SEQ_HEADER
-from worker.gateway import GatewayRecord, capture_records, interleave
-from worker.kafka_io import ensure_topics
-from worker.produce import publish
-from worker.synthetic import KINDS, capture, make_stream
 
 PARTITIONS = 4
 CONCURRENCY = 50
@@ -830,7 +830,7 @@ def _intro(ctx: BenchContext, servers: str, started_broker: bool) -> None:
         f"            interleaved at a time; about {POOL_CHUNKS:,} chunks of distinct completions, repeated under new ids"
     )
     ctx.out(
-        f"worker    : one `python -m worker.cli worker` process ({Settings().driver} driver, memory store, "
+        f"worker    : one `python -m chunkfold.cli worker` process ({Settings().driver} driver, memory store, "
         f"{Settings().processing_guarantee}, write-behind\n"
         f"            every {Settings().commit_interval_s:g} s, web port on for /metrics and /readyz)"
     )

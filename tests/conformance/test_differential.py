@@ -26,8 +26,8 @@ from openai.lib._parsing import type_to_response_format_param
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk, ChatCompletionFunctionToolParam
 
+from chunkfold.replay import replay_sdk
 from tests.recorded import Recording, recordings
-from worker.replay import replay_sdk
 
 pytestmark = pytest.mark.conformance
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from chunkfold.replay import replay_sdk
 from tests.recorded import Recording, recordings
-from worker.replay import replay_sdk
 
 pytestmark = pytest.mark.conformance
 RECORDINGS = recordings()
@@ -36,7 +36,7 @@ def test_replay_command_prints_the_golden(rec: Recording) -> None:
         [
             sys.executable,
             "-m",
-            "worker.cli",
+            "chunkfold.cli",
             "replay",
             "--format",
             "sdk",

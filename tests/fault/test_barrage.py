@@ -15,6 +15,8 @@ from typing import NamedTuple, cast
 import orjson
 import pytest
 
+from chunkfold.core.records import KIND_HEADER, SEQ_HEADER
+from chunkfold.gateway import GatewayRecord
 from tests.fault.test_faults import SHAPES, write_report
 from tests.harness import (
     TIMING_FREE,
@@ -26,8 +28,6 @@ from tests.harness import (
     recorded_records,
     start_workers,
 )
-from worker.core.records import KIND_HEADER, SEQ_HEADER
-from worker.gateway import GatewayRecord
 
 pytestmark = pytest.mark.fault
 MAX_BYTES = 16_384

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from chunkfold.config import Settings
+from chunkfold.gateway import GatewayRecord
 from tests.conftest import kafka_module
 from tests.harness import (
     ROOT,
@@ -30,8 +32,6 @@ from tests.harness import (
     wait_group_stable,
 )
 from tests.prometheus import http_get, scrape
-from worker.config import Settings
-from worker.gateway import GatewayRecord
 
 pytestmark = pytest.mark.fault
 GUARANTEES = ("at_least_once", "exactly_once")

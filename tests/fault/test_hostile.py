@@ -19,6 +19,12 @@ from typing import Any
 import orjson
 import pytest
 
+from chunkfold.app.processor import MemoryStore, Processor
+from chunkfold.config import Settings
+from chunkfold.core import fit
+from chunkfold.core.records import KIND_HEADER, SEQ_HEADER
+from chunkfold.gateway import GatewayRecord
+from chunkfold.kafka_io import ensure_topics, make_producer
 from tests.fault.test_faults import SHAPES, write_report
 from tests.harness import (
     TIMING_FREE,
@@ -30,12 +36,6 @@ from tests.harness import (
     start_workers,
 )
 from tests.streams import USAGE, choice, chunk
-from worker.app.processor import MemoryStore, Processor
-from worker.config import Settings
-from worker.core import fit
-from worker.core.records import KIND_HEADER, SEQ_HEADER
-from worker.gateway import GatewayRecord
-from worker.kafka_io import ensure_topics, make_producer
 
 pytestmark = pytest.mark.fault
 Stamped = tuple[GatewayRecord, int]

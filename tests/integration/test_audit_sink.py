@@ -25,16 +25,16 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
+from chunkfold.audit_sink import CRASH_ENV, connect
+from chunkfold.config import Settings
+from chunkfold.core import codec
+from chunkfold.gateway import GatewayRecord
+from chunkfold.produce import publish
+from chunkfold.replay import replay_kafka
 from tests.database_fixtures import database as database
 from tests.database_fixtures import postgres_server as postgres_server
 from tests.harness import ROOT, fresh_settings, settings_env, wait_for
 from tests.recorded import recordings
-from worker.audit_sink import CRASH_ENV, connect
-from worker.config import Settings
-from worker.core import codec
-from worker.gateway import GatewayRecord
-from worker.produce import publish
-from worker.replay import replay_kafka
 
 pytestmark = pytest.mark.integration
 
@@ -184,7 +184,7 @@ class Sink:
 
     def start(self) -> Sink:
         log = self.log_path.open("ab")
-        cmd = [sys.executable, "-m", "worker.cli", "audit-sink", "--database", self.database]
+        cmd = [sys.executable, "-m", "chunkfold.cli", "audit-sink", "--database", self.database]
         cmd += ["--group", self.group, "--batch", str(self.batch)]
         self.proc = subprocess.Popen(
             cmd,

@@ -17,6 +17,8 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from chunkfold.app.direct import changelog_topic
+from chunkfold.config import Settings
 from tests.harness import (
     BackgroundProducer,
     WorkerProcess,
@@ -29,8 +31,6 @@ from tests.harness import (
     wait_for,
     wait_group_stable,
 )
-from worker.app.direct import changelog_topic
-from worker.config import Settings
 
 pytestmark = pytest.mark.integration
 RESTORED = re.compile(

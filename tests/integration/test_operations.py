@@ -14,6 +14,8 @@ from typing import Any
 import orjson
 import pytest
 
+from chunkfold.core.records import KIND_HEADER
+from chunkfold.gateway import GatewayRecord, capture_records, interleave, load_captures
 from tests.conftest import kafka_module
 from tests.harness import (
     BackgroundProducer,
@@ -28,8 +30,6 @@ from tests.harness import (
 )
 from tests.prometheus import Samples, by_label, http_get, scrape, value
 from tests.recorded import FIXTURES
-from worker.core.records import KIND_HEADER
-from worker.gateway import GatewayRecord, capture_records, interleave, load_captures
 
 pytestmark = pytest.mark.integration
 

@@ -9,6 +9,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from chunkfold.config import Settings
+from chunkfold.gateway import GatewayRecord, capture_records
+from chunkfold.replay import replay_kafka
 from tests.harness import (
     TIMING_FREE,
     Collected,
@@ -21,9 +24,6 @@ from tests.harness import (
     start_workers,
 )
 from tests.recorded import recordings
-from worker.config import Settings
-from worker.gateway import GatewayRecord, capture_records
-from worker.replay import replay_kafka
 
 pytestmark = pytest.mark.integration
 

@@ -16,10 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.database_fixtures import database as database
-from tests.database_fixtures import postgres_server as postgres_server
-from tests.recorded import recordings
-from worker.audit_sink import (
+from chunkfold.audit_sink import (
     MIGRATIONS,
     AuditStore,
     Database,
@@ -31,9 +28,12 @@ from worker.audit_sink import (
     connect,
     redact,
 )
-from worker.config import Settings
-from worker.core import codec
-from worker.replay import replay_kafka
+from chunkfold.config import Settings
+from chunkfold.core import codec
+from chunkfold.replay import replay_kafka
+from tests.database_fixtures import database as database
+from tests.database_fixtures import postgres_server as postgres_server
+from tests.recorded import recordings
 
 pytestmark = pytest.mark.unit
 
@@ -318,7 +318,7 @@ def test_the_command_refuses_a_newer_schema_before_reaching_kafka(tmp_path: Path
         [
             sys.executable,
             "-m",
-            "worker.cli",
+            "chunkfold.cli",
             "audit-sink",
             "--database",
             url,

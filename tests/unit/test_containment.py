@@ -8,14 +8,14 @@ from typing import Any
 import orjson
 import pytest
 
-from schemas.deadletter import parse_deadletter
-from schemas.done import parse_done
+from chunkfold.app import processor as processor_module
+from chunkfold.app.processor import MemoryStore, Output, Processor
+from chunkfold.config import Settings
+from chunkfold.core import engine
+from chunkfold.core.records import InputRecord
+from chunkfold_schemas.deadletter import parse_deadletter
+from chunkfold_schemas.done import parse_done
 from tests.streams import USAGE, choice, chunk
-from worker.app import processor as processor_module
-from worker.app.processor import MemoryStore, Output, Processor
-from worker.config import Settings
-from worker.core import engine
-from worker.core.records import InputRecord
 
 pytestmark = pytest.mark.unit
 NOW_MS = 1_800_000_000_000

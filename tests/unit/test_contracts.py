@@ -1,13 +1,13 @@
 """The contracts downstream services build on.
 
-- ``schemas/json/*.json`` equal a fresh ``python -m schemas.generate`` (stale files fail, with
+- ``schemas/chunkfold_schemas/json/*.json`` equal a fresh ``python -m chunkfold_schemas.generate`` (stale files fail, with
   the command to run), are canonical draft 2020-12 documents, and accept every record the
   engine publishes (replay over the recorded API streams, and the worker's record processor
   with bad input, aborts and expiry) while rejecting malformed ones, as the pydantic models do.
 - The input records' schemas (chunk, abort) and models accept exactly the values the worker
   folds and reject the ones it dead-letters for their shape (recorded streams, hand-made frames
   and generated chunks, compared with the worker's own decoding).
-- ``schemas/asyncapi.yaml`` is valid against the official AsyncAPI 3.0 JSON schema (npm
+- ``schemas/chunkfold_schemas/asyncapi.yaml`` is valid against the official AsyncAPI 3.0 JSON schema (npm
   @asyncapi/specs, checked with the jsonschema package) and parses with the official AsyncAPI
   parser (npm @asyncapi/parser, run with node), and names the worker's real topics, headers,
   consumer group and schema files (every JSON payload is a generated schema file).
@@ -44,28 +44,39 @@ from jsonschema_specifications import REGISTRY as METASCHEMAS
 from pydantic import ValidationError
 from referencing.jsonschema import DRAFT7
 
-from schemas import generate
-from schemas.abort import AbortRecord, parse_abort
-from schemas.chunk import CHUNK_OBJECT, ChatCompletionChunk, ErrorFrame, NonChunkFrame, parse_chunk
-from schemas.done import parse_done
-from schemas.events import parse_event
+from chunkfold.app.processor import MemoryStore, Processor
+from chunkfold.config import Settings
+from chunkfold.core.records import KIND_HEADER, SEQ_HEADER, InvalidRecord, RecordKind, decode_record
+from chunkfold.gateway import GatewayRecord, capture_records
+from chunkfold.replay import replay_kafka
+from chunkfold_schemas import generate
+from chunkfold_schemas.abort import AbortRecord, parse_abort
+from chunkfold_schemas.chunk import CHUNK_OBJECT, ChatCompletionChunk, ErrorFrame, NonChunkFrame, parse_chunk
+from chunkfold_schemas.done import parse_done
+from chunkfold_schemas.events import parse_event
 from tests.harness import feed
 from tests.recorded import recordings
 from tests.unit.npm_tools import node_dir, package_version, run_node
-from worker.app.processor import MemoryStore, Processor
-from worker.config import Settings
-from worker.core.records import KIND_HEADER, SEQ_HEADER, InvalidRecord, RecordKind, decode_record
-from worker.gateway import GatewayRecord, capture_records
-from worker.replay import replay_kafka
 
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMAS = ROOT / "schemas"
+SCHEMAS = ROOT / "schemas" / "chunkfold_schemas"
 ASYNCAPI = SCHEMAS / "asyncapi.yaml"
 EXAMPLE = ROOT / "examples" / "consumer.py"
 ASYNCAPI_SPECS_VERSION = "6.11.1"
-NOT_FOR_SCHEMAS = ("worker", "tests", "faust", "mode", "aiokafka", "kafka", "rocksdict", "orjson", "jiter")
+NOT_FOR_SCHEMAS = (
+    "chunkfold",
+    "worker",
+    "tests",
+    "faust",
+    "mode",
+    "aiokafka",
+    "kafka",
+    "rocksdict",
+    "orjson",
+    "jiter",
+)
 
 
 def schema_validator(name: str) -> Draft202012Validator:
@@ -91,8 +102,8 @@ def errors_of(validator: Draft202012Validator, value: Any) -> list[str]:
 def test_committed_json_schemas_are_fresh() -> None:
     problems = generate.stale()
     assert not problems, (
-        f"schemas/json does not match the pydantic models ({', '.join(problems)}): "
-        "run `python -m schemas.generate` and commit schemas/json"
+        f"schemas/chunkfold_schemas/json does not match the pydantic models ({', '.join(problems)}): "
+        "run `python -m chunkfold_schemas.generate` and commit schemas/chunkfold_schemas/json"
     )
 
 
@@ -847,23 +858,23 @@ class Block:
             raise ImportError("schemas imported " + name)
         return None
 sys.meta_path.insert(0, Block())
-import schemas
-for info in pkgutil.iter_modules(schemas.__path__):
-    importlib.import_module("schemas." + info.name)
+import chunkfold_schemas
+for info in pkgutil.iter_modules(chunkfold_schemas.__path__):
+    importlib.import_module("chunkfold_schemas." + info.name)
 import json
-print(json.dumps(sorted(m for m in sys.modules if m.startswith("schemas"))))
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("chunkfold_schemas"))))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     loaded = set(json.loads(proc.stdout))
     assert {
-        "schemas.done",
-        "schemas.events",
-        "schemas.deadletter",
-        "schemas.request",
-        "schemas.chunk",
-        "schemas.abort",
-        "schemas.generate",
+        "chunkfold_schemas.done",
+        "chunkfold_schemas.events",
+        "chunkfold_schemas.deadletter",
+        "chunkfold_schemas.request",
+        "chunkfold_schemas.chunk",
+        "chunkfold_schemas.abort",
+        "chunkfold_schemas.generate",
     } <= loaded
 
 
@@ -879,8 +890,8 @@ def load_example() -> ModuleType:
 
 def test_example_consumer_uses_only_schemas() -> None:
     imported = _imported_top_levels(EXAMPLE)
-    assert "schemas" in imported
-    assert not imported & {"worker", "tests", "faust", "mode"}
+    assert "chunkfold_schemas" in imported
+    assert not imported & {"chunkfold", "tests", "faust", "mode"}
 
 
 def test_example_consumer_parses_published_records() -> None:

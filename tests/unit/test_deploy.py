@@ -34,12 +34,12 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
+from chunkfold import synthetic
+from chunkfold.app.direct import keeps_local_state
+from chunkfold.app.local_state import local_state_path
+from chunkfold.config import Settings
+from chunkfold.core.records import KIND_HEADER, SEQ_HEADER
 from tests.unit.npm_tools import run_node
-from worker import synthetic
-from worker.app.direct import keeps_local_state
-from worker.app.local_state import local_state_path
-from worker.config import Settings
-from worker.core.records import KIND_HEADER, SEQ_HEADER
 
 pytestmark = pytest.mark.unit
 
@@ -443,7 +443,7 @@ def test_compose_producer_publishes_gateway_streams(monkeypatch: pytest.MonkeyPa
         published.extend(records)
         return len(records)
 
-    monkeypatch.setattr("worker.produce.publish", fake_publish)
+    monkeypatch.setattr("chunkfold.produce.publish", fake_publish)
     monkeypatch.setattr(time, "sleep", lambda _seconds: None)
     for name, value in producer["environment"].items():
         monkeypatch.setenv(name, str(value))
@@ -544,8 +544,11 @@ def dockerfile_problems(text: str) -> list[str]:
     health = values("HEALTHCHECK")
     if not health or "/healthz" not in health[-1]:
         problems.append("no HEALTHCHECK on /healthz")
-    if not any("[rocksdb]" in value for value in re.findall(r"^RUN\s+(.+)$", text, re.MULTILINE)):
+    runs = re.findall(r"^RUN\s+(.+)$", text, re.MULTILINE)
+    if not any(re.search(r"\.\[[^\]]*\brocksdb\b[^\]]*\]", value) for value in runs):
         problems.append("chunkfold is not installed with the rocksdb extra")
+    if not any("./schemas" in value for value in runs):
+        problems.append("chunkfold-schemas (./schemas), which chunkfold depends on, is not installed")
     return problems
 
 
@@ -560,7 +563,8 @@ def test_dockerfile_builds_the_worker_image() -> None:
         ("USER root", "USER 10001:10001\n", "USER root\n"),
         ("shell-form ENTRYPOINT", 'ENTRYPOINT ["chunkfold"]', "ENTRYPOINT chunkfold"),
         ("no VOLUME", 'VOLUME ["/data"]\n', ""),
-        ("no rocksdb extra", '".[rocksdb]"', "."),
+        ("no rocksdb extra", '".[rocksdb,faust]"', "."),
+        ("no schemas distribution", "./schemas ", ""),
         ("memory store", "CHUNKFOLD_STORE=rocksdb://", "CHUNKFOLD_STORE=memory://"),
         ("other base", "FROM python:3.11-slim\n", "FROM python:3.12\n"),
     ],

@@ -13,9 +13,9 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
+from chunkfold.app.direct import DirectWorker, changelog_topic
+from chunkfold.config import Settings
 from tests.streams import CID, choice, chunk
-from worker.app.direct import DirectWorker, changelog_topic
-from worker.config import Settings
 
 pytestmark = pytest.mark.unit
 

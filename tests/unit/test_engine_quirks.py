@@ -6,12 +6,12 @@ from typing import Any
 
 import pytest
 
+from chunkfold.config import Settings
+from chunkfold.core import engine
+from chunkfold.core.inputs import InputError
+from chunkfold.core.records import InputRecord, InvalidRecord, RecordKind
+from chunkfold.replay import replay_kafka, replay_sdk
 from tests.streams import CID, USAGE, choice, chunk, jsonl, structured_request, tool_delta, tools_request
-from worker.config import Settings
-from worker.core import engine
-from worker.core.inputs import InputError
-from worker.core.records import InputRecord, InvalidRecord, RecordKind
-from worker.replay import replay_kafka, replay_sdk
 
 pytestmark = pytest.mark.unit
 

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from chunkfold.core import codec, engine, records, shape, validation
+from chunkfold.core.records import InvalidRecord, RecordKind, make_record
+from chunkfold.core.state import state_to_dict
+from chunkfold.synthetic import KINDS, TOOLS, make_stream
 from tests.streams import CID
-from worker.core import codec, engine, records, shape, validation
-from worker.core.records import InvalidRecord, RecordKind, make_record
-from worker.core.state import state_to_dict
-from worker.synthetic import KINDS, TOOLS, make_stream
 
 pytestmark = pytest.mark.unit
 

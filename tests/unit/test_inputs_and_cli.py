@@ -9,8 +9,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from chunkfold.core.inputs import detect_format, iter_sse_data
 from tests.streams import choice, chunk, jsonl, sse
-from worker.core.inputs import detect_format, iter_sse_data
 
 pytestmark = pytest.mark.unit
 
@@ -33,7 +33,9 @@ def run_replay(tmp_path: Path, text: str, *args: str) -> subprocess.CompletedPro
     capture = tmp_path / "capture.txt"
     capture.write_text(text)
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", "replay", *args, str(capture)], capture_output=True, timeout=60
+        [sys.executable, "-m", "chunkfold.cli", "replay", *args, str(capture)],
+        capture_output=True,
+        timeout=60,
     )
 
 
@@ -79,7 +81,7 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(tmp_path: Path, text: str, r
 
 def test_missing_file_and_bad_request_are_one_line_errors(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "replay", str(tmp_path / "absent.sse")],
+        [sys.executable, "-m", "chunkfold.cli", "replay", str(tmp_path / "absent.sse")],
         capture_output=True,
         timeout=60,
     )
@@ -123,9 +125,31 @@ def test_kafka_format_interleaves_completions(tmp_path: Path) -> None:
 )
 def test_worker_refuses_a_guarantee_it_cannot_give(args: list[str], message: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "worker", "--bootstrap-servers", "127.0.0.1:1", *args],
+        [sys.executable, "-m", "chunkfold.cli", "worker", "--bootstrap-servers", "127.0.0.1:1", *args],
         capture_output=True,
         timeout=60,
     )
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr.decode()
+
+
+def test_the_faust_driver_without_faust_installed_is_one_line_and_exit_2() -> None:
+    """``chunkfold[faust]`` is optional: without it the default driver works and the Faust one
+    says what to install (simulated by refusing every ``faust`` import)."""
+    code = (
+        "import sys\n"
+        "class NoFaust:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'faust':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
+        "sys.meta_path.insert(0, NoFaust())\n"
+        "from chunkfold.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    args = ["worker", "--bootstrap-servers", "127.0.0.1:1", "--driver", "faust"]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "pip install 'chunkfold[faust]'" in lines[0], lines
+    help_proc = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, timeout=60)
+    assert b"worker" in help_proc.stdout and b"audit-sink" in help_proc.stdout

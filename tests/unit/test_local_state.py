@@ -1,4 +1,4 @@
-"""The direct driver's local copy of its state (worker/app/local_state.py): write batches,
+"""The direct driver's local copy of its state (worker/chunkfold/app/local_state.py): write batches,
 checkpoints across a reopen, wipes, and the checks that decide whether a checkpoint may stand in
 for the changelog before it."""
 
@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from worker.app.direct import local_checkpoint_max_age_s
-from worker.app.local_state import Checkpoint, LocalState, local_state_path
-from worker.config import Settings
+from chunkfold.app.direct import local_checkpoint_max_age_s
+from chunkfold.app.local_state import Checkpoint, LocalState, local_state_path
+from chunkfold.config import Settings
 
 pytestmark = pytest.mark.unit
 DAY_S = 86_400.0
@@ -161,7 +161,7 @@ class _Tracked:
 def test_an_acknowledged_checkpoint_advances_each_partition_to_after_its_last_batch(
     local: LocalState,
 ) -> None:
-    from worker.app.direct import DirectWorker
+    from chunkfold.app.direct import DirectWorker
 
     async def settle() -> None:
         def acked(offset: int) -> asyncio.Future[Any]:
@@ -196,7 +196,7 @@ def test_an_acknowledged_checkpoint_advances_each_partition_to_after_its_last_ba
 def test_a_write_without_a_reported_offset_drops_the_partitions_copy_until_its_next_restore(
     local: LocalState,
 ) -> None:
-    from worker.app.direct import DirectWorker
+    from chunkfold.app.direct import DirectWorker
 
     def acked(offset: int | None) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

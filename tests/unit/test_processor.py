@@ -10,14 +10,14 @@ from typing import Any
 import orjson
 import pytest
 
+from chunkfold.app import processor as processor_module
+from chunkfold.app.processor import MemoryStore, Output, Processor
+from chunkfold.config import Settings
+from chunkfold.core.inputs import frames_to_keys, iter_frames
+from chunkfold.core.records import KIND_HEADER, SEQ_HEADER, RecordKind
+from chunkfold.replay import replay_kafka
 from tests.harness import feed
 from tests.recorded import recordings
-from worker.app import processor as processor_module
-from worker.app.processor import MemoryStore, Output, Processor
-from worker.config import Settings
-from worker.core.inputs import frames_to_keys, iter_frames
-from worker.core.records import KIND_HEADER, SEQ_HEADER, RecordKind
-from worker.replay import replay_kafka
 
 pytestmark = pytest.mark.unit
 PARTITIONS = 4
@@ -238,8 +238,8 @@ def test_a_sweep_examines_a_bounded_slice_and_reaches_everything_in_turn(
 
 
 def test_a_flush_captured_before_a_rebalance_is_dropped() -> None:
-    from worker.core.persist import restore
-    from worker.core.state import encode_state
+    from chunkfold.core.persist import restore
+    from chunkfold.core.state import encode_state
 
     records = [r for recs in gateway_records().values() for r in recs][:400]
     store = MemoryStore()
@@ -287,7 +287,7 @@ def test_a_backlog_does_not_expire_completions_whose_records_are_still_coming() 
 def test_log_lines_about_a_completion_carry_its_id(caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    from worker.app.logs import JsonFormatter
+    from chunkfold.app.logs import JsonFormatter
 
     processor = Processor(Settings(), MemoryStore())
     processor.assign([0])

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from chunkfold.core import codec, engine
+from chunkfold.core.persist import Cursor, flush_writes, restore
+from chunkfold.core.records import InputRecord, InvalidRecord, decode_record
+from chunkfold.core.state import AnyState
 from tests.shapes import ShapeRecord, all_shapes_stream
-from worker.core import codec, engine
-from worker.core.persist import Cursor, flush_writes, restore
-from worker.core.records import InputRecord, InvalidRecord, decode_record
-from worker.core.state import AnyState
 
 pytestmark = pytest.mark.unit
 

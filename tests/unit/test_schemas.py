@@ -7,13 +7,13 @@ from typing import Any
 import orjson
 import pytest
 
-from schemas.deadletter import parse_deadletter
-from schemas.done import parse_done
-from schemas.events import parse_event
+from chunkfold.config import Settings
+from chunkfold.core.outputs import deadletter_value
+from chunkfold.replay import replay_kafka
+from chunkfold_schemas.deadletter import parse_deadletter
+from chunkfold_schemas.done import parse_done
+from chunkfold_schemas.events import parse_event
 from tests.recorded import recordings
-from worker.config import Settings
-from worker.core.outputs import deadletter_value
-from worker.replay import replay_kafka
 
 pytestmark = pytest.mark.unit
 

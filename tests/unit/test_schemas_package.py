@@ -1,7 +1,9 @@
-"""``schemas`` as a distribution of its own: ``chunkfold-schemas`` (``schemas/pyproject.toml``)
-builds and installs into a fresh virtualenv that gets nothing else but pydantic, and there it
-parses what the engine publishes, runs the example consumer's parsing and de-duplication, and
-cannot import the worker, Faust or aiokafka."""
+"""``chunkfold_schemas`` as a distribution of its own: ``chunkfold-schemas``
+(``schemas/pyproject.toml``) builds and installs into a fresh virtualenv that gets nothing else
+but pydantic, and there it parses what the engine publishes, runs the example consumer's parsing
+and de-duplication, and cannot import the worker, Faust or aiokafka. ``chunkfold`` and
+``chunkfold-schemas`` build wheels whose only top-level packages are their own, and neither
+owns a file of the other."""
 
 from __future__ import annotations
 
@@ -18,14 +20,14 @@ from typing import Any
 
 import pytest
 
-from schemas import generate
-from schemas.events import parse_event
+from chunkfold.app.processor import MemoryStore, Processor
+from chunkfold.config import Settings
+from chunkfold.core.records import KIND_HEADER
+from chunkfold.gateway import GatewayRecord, capture_records
+from chunkfold_schemas import generate
+from chunkfold_schemas.events import parse_event
 from tests.harness import feed
 from tests.recorded import recordings
-from worker.app.processor import MemoryStore, Processor
-from worker.config import Settings
-from worker.core.records import KIND_HEADER
-from worker.gateway import GatewayRecord, capture_records
 
 pytestmark = pytest.mark.unit
 
@@ -39,7 +41,7 @@ STREAMS = (
     "parse_pydantic_model_refusal",
     "parse_max_tokens_reached",
 )
-ABSENT = ("worker", "faust", "aiokafka", "mode", "orjson", "jiter")
+ABSENT = ("chunkfold", "worker", "schemas", "faust", "aiokafka", "mode", "orjson", "jiter")
 
 # Runs in the fresh virtualenv (python -I, outside the repository): prints what it found as JSON.
 PROBE = """
@@ -50,18 +52,18 @@ spec = importlib.util.spec_from_file_location("consumer", sys.argv[2])
 consumer = sys.modules["consumer"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(consumer)
 
-import schemas
-from schemas.abort import parse_abort
-from schemas.chunk import parse_chunk
-from schemas.done import DoneRecord
+import chunkfold_schemas
+from chunkfold_schemas.abort import parse_abort
+from chunkfold_schemas.chunk import parse_chunk
+from chunkfold_schemas.done import DoneRecord
 
 report = {
-    "schemas_file": schemas.__file__,
+    "schemas_file": chunkfold_schemas.__file__,
     "version": importlib.metadata.version("chunkfold-schemas"),
     "requires": importlib.metadata.requires("chunkfold-schemas"),
     "package_data": sorted(
-        str(p.relative_to(importlib.resources.files("schemas")))
-        for p in importlib.resources.files("schemas").rglob("*")
+        str(p.relative_to(importlib.resources.files("chunkfold_schemas")))
+        for p in importlib.resources.files("chunkfold_schemas").rglob("*")
         if p.suffix in (".json", ".yaml", ".typed")
     ),
     "importable": {name: importlib.util.find_spec(name) is not None for name in sys.argv[3].split(",")},
@@ -194,7 +196,7 @@ def test_chunkfold_schemas_installs_and_works_alone(tmp_path: Path) -> None:
         ["asyncapi.yaml", "py.typed", *(f"json/{name}" for name in generate.generated())]
     )
     assert report["importable"] == dict.fromkeys(ABSENT, False)
-    _run([python, "-I", "-m", "schemas.generate", "--check"], env=env, cwd=tmp_path)
+    _run([python, "-I", "-m", "chunkfold_schemas.generate", "--check"], env=env, cwd=tmp_path)
 
     # Input records: every chunk a ChatCompletionChunk, the abort's reason, an empty abort.
     assert report["inputs"] == ["ChatCompletionChunk"] * len(chunks) + [
@@ -255,3 +257,46 @@ def test_chunkfold_schemas_installs_and_works_alone(tmp_path: Path) -> None:
     )
     cli = _run([python, "-I", str(EXAMPLE), "-"], env=env, cwd=tmp_path, input=replay_lines * 2)
     assert cli.stdout.splitlines() == expected_lines
+
+
+def _top_levels(wheel: Path) -> set[str]:
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as archive:
+        return {name.split("/")[0] for name in archive.namelist() if ".dist-info/" not in name}
+
+
+def test_each_distribution_owns_its_own_files_only(tmp_path: Path) -> None:
+    """``pip wheel``: chunkfold's wheel holds ``chunkfold`` only, chunkfold-schemas' wheel
+    ``chunkfold_schemas`` only; both installed into one fresh virtualenv, either can be
+    uninstalled and the other still imports."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "CHUNKFOLD_"))}
+    wheels = tmp_path / "wheels"
+    for source in (SCHEMAS, ROOT):
+        _run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(source)],
+            env=env,
+            cwd=tmp_path,
+        )
+    by_name = {w.name.split("-")[0]: w for w in wheels.glob("*.whl")}
+    assert _top_levels(by_name["chunkfold"]) == {"chunkfold"}
+    assert _top_levels(by_name["chunkfold_schemas"]) == {"chunkfold_schemas"}
+
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", str(venv)], env=env)
+    python = str(venv / "bin" / "python")
+    pip = [python, "-m", "pip", "-q", "--no-input"]
+    install = [*pip, "install", "--no-deps", str(by_name["chunkfold"]), str(by_name["chunkfold_schemas"])]
+    _run([*pip, "install", f"pydantic=={version('pydantic')}"], env=env, cwd=tmp_path)
+    _run(install, env=env, cwd=tmp_path)
+    probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec(sys.argv[1]) else 3)"
+    _run([*pip, "uninstall", "-y", "chunkfold"], env=env, cwd=tmp_path)
+    _run([python, "-I", "-c", "import chunkfold_schemas.done"], env=env, cwd=tmp_path)
+    assert subprocess.run([python, "-I", "-c", probe, "chunkfold"], env=env, cwd=tmp_path).returncode == 3
+    _run(install, env=env, cwd=tmp_path)
+    _run([*pip, "uninstall", "-y", "chunkfold-schemas"], env=env, cwd=tmp_path)
+    _run([python, "-I", "-c", probe, "chunkfold.core.engine"], env=env, cwd=tmp_path)
+    assert (
+        subprocess.run([python, "-I", "-c", probe, "chunkfold_schemas"], env=env, cwd=tmp_path).returncode
+        == 3
+    )

@@ -9,11 +9,11 @@ from typing import Any
 import orjson
 import pytest
 
+from chunkfold.core import codec, engine
+from chunkfold.core.engine import MAX_SEQ_JUMP
+from chunkfold.core.records import InputRecord, RecordKind
+from chunkfold.core.state import AnyState, CompletionState, decode_state, encode_state
 from tests.streams import CID, choice, chunk
-from worker.core import codec, engine
-from worker.core.engine import MAX_SEQ_JUMP
-from worker.core.records import InputRecord, RecordKind
-from worker.core.state import AnyState, CompletionState, decode_state, encode_state
 
 pytestmark = pytest.mark.unit
 

@@ -10,14 +10,14 @@ from typing import Any
 import orjson
 import pytest
 
-from schemas.deadletter import parse_deadletter
-from schemas.done import parse_done
-from schemas.events import parse_event
+from chunkfold.app.processor import MemoryStore, Output, Processor
+from chunkfold.config import Settings
+from chunkfold.core import fit, persist
+from chunkfold.core.records import KIND_HEADER, MAX_KEY_BYTES
+from chunkfold_schemas.deadletter import parse_deadletter
+from chunkfold_schemas.done import parse_done
+from chunkfold_schemas.events import parse_event
 from tests.streams import USAGE, choice, chunk
-from worker.app.processor import MemoryStore, Output, Processor
-from worker.config import Settings
-from worker.core import fit, persist
-from worker.core.records import KIND_HEADER, MAX_KEY_BYTES
 
 pytestmark = pytest.mark.unit
 LIMIT = 1 << 20

@@ -8,12 +8,10 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.recorded import recordings
-from tests.streams import CID, choice, chunk
-from worker.core import codec, engine
-from worker.core.inputs import frames_to_keys, iter_frames
-from worker.core.records import InputRecord, RecordKind, make_record
-from worker.core.state import (
+from chunkfold.core import codec, engine
+from chunkfold.core.inputs import frames_to_keys, iter_frames
+from chunkfold.core.records import InputRecord, RecordKind, make_record
+from chunkfold.core.state import (
     STATE_VERSION,
     AnyState,
     CompletionState,
@@ -21,6 +19,8 @@ from worker.core.state import (
     decode_state,
     encode_state,
 )
+from tests.recorded import recordings
+from tests.streams import CID, choice, chunk
 
 pytestmark = pytest.mark.unit
 

@@ -15,12 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.shapes import all_shapes_stream
-from tests.unit.test_restore_exact import restored_after_every_record, uninterrupted
-from worker.app.processor import MemoryStore, Output, Processor
-from worker.config import Settings
-from worker.core import codec, engine
-from worker.core.persist import (
+from chunkfold.app.processor import MemoryStore, Output, Processor
+from chunkfold.config import Settings
+from chunkfold.core import codec, engine
+from chunkfold.core.persist import (
     CorruptState,
     Cursor,
     completion_of,
@@ -29,8 +27,10 @@ from worker.core.persist import (
     segment_key,
     tombstone_key,
 )
-from worker.core.records import InvalidRecord, decode_record
-from worker.core.state import ClosedCompletion, CompletionState, StateVersionError
+from chunkfold.core.records import InvalidRecord, decode_record
+from chunkfold.core.state import ClosedCompletion, CompletionState, StateVersionError
+from tests.shapes import all_shapes_stream
+from tests.unit.test_restore_exact import restored_after_every_record, uninterrupted
 
 pytestmark = pytest.mark.unit
 

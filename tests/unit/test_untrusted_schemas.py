@@ -12,10 +12,10 @@ import jsonschema
 import orjson
 import pytest
 
+from chunkfold.core import codec, engine, validation
+from chunkfold.core.records import InputRecord, RecordKind
+from chunkfold.core.state import AnyState, CompletionState, decode_state, encode_state
 from tests.streams import CID, LOCATION_SCHEMA, choice, chunk, tool_delta
-from worker.core import codec, engine, validation
-from worker.core.records import InputRecord, RecordKind
-from worker.core.state import AnyState, CompletionState, decode_state, encode_state
 
 pytestmark = pytest.mark.unit
 

@@ -13,9 +13,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from chunkfold.config import Settings
 from tests.postgres import free_port
 from tests.unit.test_deploy import settings_from, worker_environments
-from worker.config import Settings
 
 pytestmark = pytest.mark.unit
 
@@ -28,7 +28,7 @@ Served = tuple[list[Any], set[str]]
 
 @asynccontextmanager
 async def faust_server(settings: Settings) -> AsyncIterator[Served]:
-    from worker.app.faust_app import create_app
+    from chunkfold.app.faust_app import create_app
 
     app, _ = create_app(settings)
     server: Any = app.web  # Faust's aiohttp driver
@@ -42,7 +42,7 @@ async def faust_server(settings: Settings) -> AsyncIterator[Served]:
 
 @asynccontextmanager
 async def direct_server(settings: Settings) -> AsyncIterator[Served]:
-    from worker.app.direct import DirectWorker
+    from chunkfold.app.direct import DirectWorker
 
     runner = await DirectWorker(settings)._start_web()
     try:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from worker.config import Settings
-from worker.core import codec, engine, outputs
-from worker.core.inputs import Frame, InputError, frames_to_keys, iter_frames
-from worker.core.records import InputRecord, InvalidRecord, RecordKind, make_record
-from worker.core.state import AnyState, CompletionState
+from chunkfold.config import Settings
+from chunkfold.core import codec, engine, outputs
+from chunkfold.core.inputs import Frame, InputError, frames_to_keys, iter_frames
+from chunkfold.core.records import InputRecord, InvalidRecord, RecordKind, make_record
+from chunkfold.core.state import AnyState, CompletionState
 
 
 def replay_sdk(text: str, request: dict[str, Any] | None) -> Iterator[dict[str, Any]]:

@@ -44,7 +44,7 @@ class Settings:
     max_message_bytes: int = 1 << 20
     """The largest output record: topics chunkfold creates get this ``max.message.bytes``; an
     existing output topic with a lower limit lowers it for that topic. Larger values are cut to
-    fit (the size policy, ``worker.core.fit``)."""
+    fit (the size policy, ``chunkfold.core.fit``)."""
     max_clock_skew_s: float = 10.0
     """How far ahead of this worker's clock a record timestamp may move stream time."""
     store: str = "memory://"

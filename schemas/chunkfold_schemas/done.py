@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.completion import CompletionUsage, ParsedChatCompletion
-from schemas.truncation import TRUNCATED_DESCRIPTION, Truncation
+from chunkfold_schemas.completion import CompletionUsage, ParsedChatCompletion
+from chunkfold_schemas.truncation import TRUNCATED_DESCRIPTION, Truncation
 
 Status = Literal["completed", "length", "content_filter", "aborted", "expired", "failed"]
 

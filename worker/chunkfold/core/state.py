@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from worker.core import codec
-from worker.core.validation import check_schema
+from chunkfold.core import codec
+from chunkfold.core.validation import check_schema
 
 STATE_VERSION = 4
 """2: the counters no longer hold ``replayed_skipped`` and ``records_after_end`` (a v1 state is

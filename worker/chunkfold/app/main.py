@@ -9,7 +9,7 @@ import logging.config
 import sys
 from typing import Any
 
-from worker.config import Settings
+from chunkfold.config import Settings
 
 GUARANTEES = ("at_least_once", "exactly_once")
 
@@ -55,7 +55,7 @@ def register(sub: Any) -> None:
 async def _prepare_topics(settings: Settings) -> dict[str, int]:
     """Create missing topics (the outputs with a deliberate ``max.message.bytes``) and return
     the largest record each output topic accepts."""
-    from worker.kafka_io import ensure_topics, record_limits
+    from chunkfold.kafka_io import ensure_topics, record_limits
 
     s = settings
     outputs = (s.events_topic, s.done_topic, s.deadletter_topic)
@@ -71,8 +71,7 @@ async def _prepare_topics(settings: Settings) -> dict[str, int]:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from worker.app.faust_app import create_app
-    from worker.app.logs import logging_config
+    from chunkfold.app.logs import logging_config
 
     names = (
         "bootstrap_servers",
@@ -111,11 +110,21 @@ def run_worker(args: argparse.Namespace) -> int:
     if settings.processing_guarantee == "exactly_once" and settings.driver != "direct":
         print("chunkfold worker: exactly_once needs the direct driver (--driver direct)", file=sys.stderr)
         return 2
+    if settings.driver == "faust":
+        try:
+            from chunkfold.app.faust_app import create_app
+        except ImportError as exc:
+            print(
+                f"chunkfold worker: the Faust driver needs faust-streaming ({exc}): "
+                "pip install 'chunkfold[faust]'",
+                file=sys.stderr,
+            )
+            return 2
     config = logging_config(args.loglevel, args.log_format)
     logging.config.dictConfig(config)
     limits = asyncio.run(_prepare_topics(settings))
     if settings.driver == "direct":
-        from worker.app import direct
+        from chunkfold.app import direct
 
         return direct.run(settings)
     app, processor = create_app(settings)

@@ -16,12 +16,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
-from worker.app.metrics import Metrics, render
-from worker.config import Settings
-from worker.core import codec, engine, fit, outputs
-from worker.core.persist import CorruptState, Cursor, completion_of, delete_writes, flush_writes, restore
-from worker.core.records import MAX_KEY_BYTES, InvalidRecord, RecordKind, decode_record
-from worker.core.state import AnyState, ClosedCompletion, CompletionState, StateVersionError
+from chunkfold.app.metrics import Metrics, render
+from chunkfold.config import Settings
+from chunkfold.core import codec, engine, fit, outputs
+from chunkfold.core.persist import CorruptState, Cursor, completion_of, delete_writes, flush_writes, restore
+from chunkfold.core.records import MAX_KEY_BYTES, InvalidRecord, RecordKind, decode_record
+from chunkfold.core.state import AnyState, ClosedCompletion, CompletionState, StateVersionError
 
 Headers = Sequence[tuple[str, bytes]]
 Fold = Callable[[AnyState | None, str, Any, engine.FoldOptions], engine.FoldResult]

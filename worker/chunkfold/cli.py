@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from worker.config import Settings
-from worker.core import codec
-from worker.core.inputs import InputError, read_text
+from chunkfold.config import Settings
+from chunkfold.core import codec
+from chunkfold.core.inputs import InputError, read_text
 
 
 class UsageError(Exception):
@@ -52,7 +52,7 @@ def _write_lines(values: Any) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from worker import replay
+    from chunkfold import replay
 
     text = _read_input(args.input)
     request = load_request(args.request)
@@ -81,11 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_replay)
 
-    for module in ("worker.app.main", "worker.produce", "worker.tail", "worker.audit_sink"):
-        try:
-            register: Callable[[Any], None] = importlib.import_module(module).register
-        except ImportError:
-            continue
+    for module in ("chunkfold.app.main", "chunkfold.produce", "chunkfold.tail", "chunkfold.audit_sink"):
+        # every dependency of these is declared: an ImportError is a broken install and must
+        # show, not silently remove a subcommand
+        register: Callable[[Any], None] = importlib.import_module(module).register
         register(sub)
     return parser
 

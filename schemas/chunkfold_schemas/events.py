@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from schemas.completion import TokenLogprob
-from schemas.truncation import TRUNCATED_DESCRIPTION, Truncation
+from chunkfold_schemas.completion import TokenLogprob
+from chunkfold_schemas.truncation import TRUNCATED_DESCRIPTION, Truncation
 
 
 class _Event(BaseModel):

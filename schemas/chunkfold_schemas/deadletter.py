@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.truncation import TRUNCATED_DESCRIPTION, Truncation
+from chunkfold_schemas.truncation import TRUNCATED_DESCRIPTION, Truncation
 
 
 class Source(BaseModel):

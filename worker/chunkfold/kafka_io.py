@@ -13,7 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from worker.config import Settings
+from chunkfold.config import Settings
 
 
 def bootstrap(settings: Settings | None = None) -> str:

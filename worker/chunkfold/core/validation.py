@@ -28,7 +28,7 @@ import jsonschema.validators
 import re2  # type: ignore[import-untyped]
 import referencing
 
-from worker.core import codec
+from chunkfold.core import codec
 
 VALIDATION_STEPS = 100_000
 """Steps all validations of one completion may spend together (the engine keeps the count in its

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from rocksdict import Options, Rdict, WriteBatch
 
-from worker.config import Settings
+from chunkfold.config import Settings
 
 ENTRY = b"e"
 CHECKPOINT = b"c"

@@ -10,8 +10,8 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer
 
-from worker.config import Settings
-from worker.kafka_io import bootstrap
+from chunkfold.config import Settings
+from chunkfold.kafka_io import bootstrap
 
 
 def register(sub: Any) -> None:

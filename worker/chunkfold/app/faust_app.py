@@ -21,9 +21,9 @@ import faust
 from faust.streams import _current_event
 from faust.types import TP
 
-from worker.app.metrics import METRICS_CONTENT_TYPE
-from worker.app.processor import Output, Processor
-from worker.config import Settings
+from chunkfold.app.metrics import METRICS_CONTENT_TYPE
+from chunkfold.app.processor import Output, Processor
+from chunkfold.config import Settings
 
 log = logging.getLogger("chunkfold.worker")
 STATE_TABLE = "state"

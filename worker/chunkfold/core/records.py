@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from worker.core import codec
+from chunkfold.core import codec
 
 KIND_HEADER = "chunkfold.kind"
 SEQ_HEADER = "chunkfold.seq"

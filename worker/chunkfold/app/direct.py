@@ -19,7 +19,7 @@ This driver keeps Faust's contract and storage format but drives batches itself:
   round trips. Checkpoints are strictly sequential; a rebalance or shutdown waits for them.
 * local copy (``CHUNKFOLD_STORE=rocksdb://``; ``memory://`` keeps none): once a checkpoint's
   state writes are acknowledged, the same writes go to a RocksDB database on the worker's
-  volume (``worker/app/local_state.py``) together with, per changelog partition, the offset
+  volume (``worker/chunkfold/app/local_state.py``) together with, per changelog partition, the offset
   after them. A restart or a partition coming back loads those entries and reads the
   changelog only from that offset on (Kafka Streams' checkpoint model); a checkpoint too old
   for the changelog's tombstones, or outside its offsets, means a full read as without it.
@@ -44,14 +44,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.partitioner import murmur2
 
-from worker.app.metrics import METRICS_CONTENT_TYPE, render
-from worker.app.processor import FlushBatch, MemoryStore, Processor
-from worker.app.transactions import PartitionTransactions
-from worker.config import Settings
-from worker.kafka_io import ensure_topics, record_limits, topic_config
+from chunkfold.app.metrics import METRICS_CONTENT_TYPE, render
+from chunkfold.app.processor import FlushBatch, MemoryStore, Processor
+from chunkfold.app.transactions import PartitionTransactions
+from chunkfold.config import Settings
+from chunkfold.kafka_io import ensure_topics, record_limits, topic_config
 
 if TYPE_CHECKING:
-    from worker.app.local_state import LocalState
+    from chunkfold.app.local_state import LocalState
 
 log = logging.getLogger("chunkfold.worker")
 BATCH_MAX_RECORDS = 2_000
@@ -406,7 +406,7 @@ class DirectWorker:
         ``delete.retention.ms`` as the brokers report it (a topic created elsewhere may set
         its own; when it cannot be read, no checkpoint is trusted)."""
         try:
-            from worker.app.local_state import LocalState, local_state_path
+            from chunkfold.app.local_state import LocalState, local_state_path
         except ImportError as exc:
             raise RuntimeError(
                 f"CHUNKFOLD_STORE={self.settings.store} needs rocksdict (pip install 'chunkfold[rocksdb]')"

@@ -33,8 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from worker.core import codec
-from worker.core.state import (
+from chunkfold.core import codec
+from chunkfold.core.state import (
     AnyState,
     ClosedCompletion,
     StateVersionError,

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from worker.core import codec
-from worker.core.records import RecordKind
+from chunkfold.core import codec
+from chunkfold.core.records import RecordKind
 
 _LINE_END = re.compile(r"\r\n|\r|\n")
 _SSE_FIELD = re.compile(r"^(data|event|id|retry)(:|$)")

@@ -1,7 +1,7 @@
-"""Write the JSON Schema (draft 2020-12) of every topic record to ``schemas/json/``.
+"""Write the JSON Schema (draft 2020-12) of every topic record to ``schemas/chunkfold_schemas/json/``.
 
-    python -m schemas.generate            # (re)write the files
-    python -m schemas.generate --check    # exit 1 if a committed file is missing or stale
+    python -m chunkfold_schemas.generate            # (re)write the files
+    python -m chunkfold_schemas.generate --check    # exit 1 if a committed file is missing or stale
 
 The schemas are generated from the pydantic models (validation mode: what ``parse_*`` accepts),
 so they can never drift from them; the output is deterministic (sorted keys, two-space indent,
@@ -20,12 +20,12 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from schemas.abort import AbortRecord
-from schemas.chunk import ChunkRecord
-from schemas.deadletter import DeadLetter
-from schemas.done import DoneRecord
-from schemas.events import CompletionEvent
-from schemas.request import RequestContext
+from chunkfold_schemas.abort import AbortRecord
+from chunkfold_schemas.chunk import ChunkRecord
+from chunkfold_schemas.deadletter import DeadLetter
+from chunkfold_schemas.done import DoneRecord
+from chunkfold_schemas.events import CompletionEvent
+from chunkfold_schemas.request import RequestContext
 
 DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
 JSON_DIR = Path(__file__).resolve().parent / "json"
@@ -142,16 +142,18 @@ def write(directory: Path = JSON_DIR) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m schemas.generate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m chunkfold_schemas.generate", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 if a file is missing or stale")
     parser.add_argument("--out", type=Path, default=JSON_DIR, help=f"directory (default {JSON_DIR})")
     args = parser.parse_args(argv)
     if args.check:
         problems = stale(args.out)
         for problem in problems:
-            print(f"schemas/json/{problem}", file=sys.stderr)
+            print(f"schemas/chunkfold_schemas/json/{problem}", file=sys.stderr)
         if problems:
-            print("run `python -m schemas.generate` and commit the result", file=sys.stderr)
+            print("run `python -m chunkfold_schemas.generate` and commit the result", file=sys.stderr)
         return 1 if problems else 0
     for path in write(args.out):
         print(f"wrote {path}")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from worker.core import codec
+from chunkfold.core import codec
 
 RECORD_OVERHEAD_BYTES = 1024
 """Room kept for what Kafka adds around a value in a batch of one record (batch header, record

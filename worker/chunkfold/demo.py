@@ -16,12 +16,13 @@ from typing import Any
 
 import orjson
 
-from worker import synthetic
-from worker.config import Settings
-from worker.gateway import GatewayRecord, capture_records, load_captures
-from worker.kafka_io import ensure_topics, make_producer, output_consumer
+from chunkfold import synthetic
+from chunkfold.config import Settings
+from chunkfold.gateway import GatewayRecord, capture_records, load_captures
+from chunkfold.kafka_io import ensure_topics, make_producer, output_consumer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+"""The checkout (worker/chunkfold/demo.py is two levels down); no such thing for an installed package."""
 FIXTURES = ROOT / "tests" / "fixtures" / "openai-recorded"
 """The recorded API streams in a checkout of the repository (absent from an installed package)."""
 CHUNK_GAP_S = 0.025
@@ -203,7 +204,7 @@ def main() -> int:
     _log(f"starting the worker (log: {log_path.relative_to(ROOT)}); Ctrl-C stops the demo")
     with log_path.open("ab") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "worker", "--loglevel", "warning"],
+            [sys.executable, "-m", "chunkfold.cli", "worker", "--loglevel", "warning"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from worker.core import codec, shape
-from worker.core.records import CHUNK_OBJECT, InputRecord, InvalidRecord, RecordKind, validate_request
-from worker.core.state import (
+from chunkfold.core import codec, shape
+from chunkfold.core.records import CHUNK_OBJECT, InputRecord, InvalidRecord, RecordKind, validate_request
+from chunkfold.core.state import (
     REASONING_FIELDS,
     TEXT_FIELDS,
     AnyState,
@@ -25,7 +25,7 @@ from worker.core.state import (
     RequestSpec,
     ToolCallState,
 )
-from worker.core.validation import VALIDATION_STEPS, Budget, SchemaValidationError, parse_and_validate
+from chunkfold.core.validation import VALIDATION_STEPS, Budget, SchemaValidationError, parse_and_validate
 
 DONE_RECORD_VERSION = 1
 MAX_SEQ_JUMP = 1024

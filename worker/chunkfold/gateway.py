@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.core import codec
-from worker.core.inputs import InputError, frames_to_keys, iter_frames, read_text
-from worker.core.records import KIND_HEADER, SEQ_HEADER, RecordKind
+from chunkfold.core import codec
+from chunkfold.core.inputs import InputError, frames_to_keys, iter_frames, read_text
+from chunkfold.core.records import KIND_HEADER, SEQ_HEADER, RecordKind
 
 CAPTURE_SUFFIXES = (".sse", ".jsonl", ".ndjson")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from worker.core.records import KIND_HEADER
+from chunkfold.core.records import KIND_HEADER
 
 MODEL = "gpt-4o-2024-08-06"
 FINGERPRINT = "fp_5050236cbd"

@@ -3,7 +3,7 @@
 The sink consumes the done topic as a consumer group (``enable_auto_commit=False``,
 ``isolation_level=read_committed``) and, for each batch, in ONE database transaction:
 
-* parses each record with :func:`schemas.done.parse_done`; a record that does not parse or
+* parses each record with :func:`chunkfold_schemas.done.parse_done`; a record that does not parse or
   validate (or whose key is not its ``completion_id``, or that the database cannot hold) goes
   to ``rejected`` with the reason, and the sink carries on;
 * inserts it into ``completions`` with ``INSERT ... ON CONFLICT (completion_id) DO NOTHING``;
@@ -46,8 +46,8 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 from pydantic import ValidationError
 
-from schemas.done import DoneRecord, parse_done
-from worker.config import Settings
+from chunkfold.config import Settings
+from chunkfold_schemas.done import DoneRecord, parse_done
 
 DEFAULT_DATABASE = "sqlite:///.cache/audit.sqlite3"
 DEFAULT_GROUP = "chunkfold-audit"
@@ -749,7 +749,7 @@ class AuditSink:
         from aiokafka import AIOKafkaConsumer
         from aiokafka.structs import TopicPartition
 
-        from worker.kafka_io import ensure_topics
+        from chunkfold.kafka_io import ensure_topics
 
         cfg = self.config
         await ensure_topics(cfg.bootstrap_servers, [cfg.topic], cfg.partitions, cfg.replication_factor)
@@ -893,7 +893,7 @@ def cmd_audit_sink(args: argparse.Namespace) -> int:
         replication_factor=settings.replication_factor,
         crash_after_db_commits=int(crash) if crash else 0,
     )
-    from worker.app.logs import logging_config
+    from chunkfold.app.logs import logging_config
 
     logging.config.dictConfig(logging_config(args.loglevel, args.log_format))
     from aiokafka.errors import KafkaError

@@ -2,7 +2,7 @@
 
 ``normalize(value, COMPLETION)`` returns what ``ParsedChatCompletion.model_dump(mode="json")``
 would give for a dict of wire data: every declared field present (``None`` when absent), unknown
-fields kept as they are. The shapes are derived once from the models in ``schemas.completion``.
+fields kept as they are. The shapes are derived once from the models in ``chunkfold_schemas.completion``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Union
 
 from pydantic import BaseModel
 
-from schemas import completion as wire
+from chunkfold_schemas import completion as wire
 
 Shape = dict[str, "ShapeNode"]
 ShapeNode = Union["Shape", "ListOf", None]

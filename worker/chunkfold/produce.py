@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from worker.config import Settings
-from worker.gateway import GatewayRecord, capture_records, interleave, load_captures
-from worker.kafka_io import bootstrap, ensure_topics, make_producer, sleep_until
+from chunkfold.config import Settings
+from chunkfold.gateway import GatewayRecord, capture_records, interleave, load_captures
+from chunkfold.kafka_io import bootstrap, ensure_topics, make_producer, sleep_until
 
 
 def register(sub: Any) -> None:
