@@ -16,18 +16,8 @@ from typing import Any
 
 import pytest
 
-from chunkfold.audit_sink import (
-    MIGRATIONS,
-    AuditStore,
-    Database,
-    DatabaseUrlError,
-    Migration,
-    SchemaTooNew,
-    SourceRecord,
-    SqliteDatabase,
-    connect,
-    redact,
-)
+from chunkfold.audit.database import Database, DatabaseUrlError, SqliteDatabase, connect, redact
+from chunkfold.audit.store import MIGRATIONS, AuditStore, Migration, SchemaTooNew, SourceRecord
 from chunkfold.config import Settings
 from chunkfold.core import codec
 from chunkfold.replay import replay_kafka
