@@ -45,7 +45,7 @@ kafka-down: $(STAMP) ## stop the local Kafka broker
 	@$(KAFKA) down
 
 run: $(STAMP) ## broker (unless KAFKA_BOOTSTRAP_SERVERS is set) + worker + demo producer, with live progress
-	$(BIN)/python -m chunkfold.demo
+	$(BIN)/python -m tests.demo
 
 clean: ## remove caches and local broker data
 	-$(KAFKA) down

@@ -38,9 +38,9 @@ from chunkfold.core.records import KIND_HEADER, SEQ_HEADER
 from chunkfold.gateway import GatewayRecord, capture_records, interleave
 from chunkfold.kafka_io import ensure_topics
 from chunkfold.produce import publish
-from chunkfold.synthetic import KINDS, capture, make_stream
 from tests.bench.context import BenchContext, SectionResult, Verdict
 from tests.bench.kafka_procs import LoadPlan, read_times
+from tests.demo.synthetic import KINDS, capture, make_stream
 from tests.harness import ROOT, WorkerProcess, feed, fresh_settings, wait_group_stable
 
 PARTITIONS = 4

@@ -1,4 +1,4 @@
-"""The synthetic streams of ``chunkfold.synthetic``, plus the pydantic model openai-python needs
+"""The synthetic streams of ``tests.demo.synthetic``, plus the pydantic model openai-python needs
 to parse the structured kind (chunkfold only gets its JSON Schema)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from chunkfold.synthetic import KINDS, TOOLS, KafkaRecord, Stream, make_stream, text_bytes
+from tests.demo.synthetic import KINDS, TOOLS, KafkaRecord, Stream, make_stream, text_bytes
 
 __all__ = ["KINDS", "TOOLS", "KafkaRecord", "Solution", "Stream", "make_stream", "sdk_inputs", "text_bytes"]
 

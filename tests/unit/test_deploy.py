@@ -34,11 +34,11 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from chunkfold import synthetic
 from chunkfold.app.direct import keeps_local_state
 from chunkfold.app.local_state import local_state_path
 from chunkfold.config import Settings
 from chunkfold.core.records import KIND_HEADER, SEQ_HEADER
+from tests.demo import synthetic
 from tests.unit.npm_tools import run_node
 
 pytestmark = pytest.mark.unit
@@ -383,6 +383,10 @@ def test_compose_wiring(monkeypatch: pytest.MonkeyPatch) -> None:
                 assert "healthcheck" in services[target]
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
+            if source.startswith("."):  # a bind mount: a directory of the checkout, read-only
+                assert (COMPOSE.parent / source).resolve().is_dir(), f"{name}: no {source} in the checkout"
+                assert volume.endswith(":ro"), f"{name}: mount {source} read-only"
+                continue
             assert source in declared_volumes, f"{name}: undeclared volume {source}"
             used_volumes.add(source)
         if "build" in service:
@@ -433,6 +437,9 @@ def test_compose_producer_publishes_gateway_streams(monkeypatch: pytest.MonkeyPa
     assert producer["entrypoint"] == ["python", "-c"]
     [code] = producer["command"]
     assert "$" not in code, "compose would interpolate $ in the program"
+    # The image holds no tests/: the generator is mounted where the program imports it from.
+    assert "from tests.demo import synthetic" in code
+    assert f"../tests/demo:{producer['working_dir']}/tests/demo:ro" in producer["volumes"]
     published: list[Any] = []
 
     async def fake_publish(

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from chunkfold.core import codec, engine, records, shape, validation
 from chunkfold.core.records import InvalidRecord, RecordKind, make_record
 from chunkfold.core.state import state_to_dict
-from chunkfold.synthetic import KINDS, TOOLS, make_stream
+from tests.demo.synthetic import KINDS, TOOLS, make_stream
 from tests.streams import CID
 
 pytestmark = pytest.mark.unit

@@ -1,5 +1,6 @@
 """Deterministic synthetic Chat Completions streams, shaped like what the OpenAI API sends
-(used by the demo producer and the benchmarks).
+(used by the demo producers of ``make run`` and deploy/compose.yaml, the benchmarks and tests;
+development only, never packaged).
 
 Every stream has exactly ``n_chunks`` chunks (role chunks, text/argument chunks, finish chunks
 and the final ``usage`` chunk), each pre-encoded to JSON bytes once, plus the request context

@@ -1,5 +1,9 @@
-"""``make run``: a local broker (unless ``KAFKA_BOOTSTRAP_SERVERS`` is set), a worker, and a demo
-producer that replays recorded and generated streams at a realistic pace, with live progress."""
+"""``make run`` (``python -m tests.demo`` from the checkout): a local broker (unless
+``KAFKA_BOOTSTRAP_SERVERS`` is set), a worker, and a demo producer that replays recorded and
+generated streams at a realistic pace, with live progress.
+
+Development only, never packaged: it needs the checkout (``deploy/kafka/`` for the broker, the
+recorded fixtures under ``tests/fixtures``) and runs the installed ``chunkfold worker``."""
 
 from __future__ import annotations
 
@@ -16,15 +20,14 @@ from typing import Any
 
 import orjson
 
-from chunkfold import synthetic
 from chunkfold.config import Settings
 from chunkfold.gateway import GatewayRecord, capture_records, load_captures
 from chunkfold.kafka_io import ensure_topics, make_producer, output_consumer
+from tests.demo import synthetic
+from tests.recorded import FIXTURES
 
 ROOT = Path(__file__).resolve().parents[2]
-"""The checkout (worker/chunkfold/demo.py is two levels down); no such thing for an installed package."""
-FIXTURES = ROOT / "tests" / "fixtures" / "openai-recorded"
-"""The recorded API streams in a checkout of the repository (absent from an installed package)."""
+"""The checkout (tests/demo/__main__.py is two levels down)."""
 CHUNK_GAP_S = 0.025
 CONCURRENT = 24
 
@@ -49,11 +52,10 @@ def start_broker() -> tuple[str, bool]:
 
 
 def demo_streams() -> list[list[GatewayRecord]]:
-    """Recorded API streams (when run from a checkout) plus generated ones."""
+    """The recorded API streams plus generated ones."""
     streams: list[list[GatewayRecord]] = []
-    if FIXTURES.is_dir():
-        for _, text, request in load_captures([FIXTURES]):
-            streams += capture_records(text, request).values()
+    for _, text, request in load_captures([FIXTURES]):
+        streams += capture_records(text, request).values()
     for n, kind in enumerate(synthetic.KINDS * 4):
         stream = synthetic.make_stream(kind, 48 + 40 * n, seed=n)
         streams += capture_records(synthetic.capture(stream), stream.request).values()
