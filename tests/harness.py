@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
@@ -48,10 +48,10 @@ def fresh_settings(bootstrap: str, **overrides: Any) -> Settings:
 def settings_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKFOLD_")}
     env["KAFKA_BOOTSTRAP_SERVERS"] = settings.bootstrap_servers
-    for f in fields(Settings):
-        if f.name != "bootstrap_servers":
-            value = getattr(settings, f.name)
-            env[f"CHUNKFOLD_{f.name.upper()}"] = str(int(value) if isinstance(value, bool) else value)
+    for name in Settings.model_fields:
+        if name != "bootstrap_servers":
+            value = getattr(settings, name)
+            env[f"CHUNKFOLD_{name.upper()}"] = str(int(value) if isinstance(value, bool) else value)
     return env
 
 

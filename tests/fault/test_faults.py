@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +170,11 @@ def test_switching_between_the_faust_and_direct_drivers_mid_stream(
     stop one and start the other while completions are open, and they are finished unchanged."""
     settings = fresh_settings(kafka)
     records, completions = recorded_records(repeat=4, shapes=SHAPES)
-    workers.append(WorkerProcess(replace(settings, driver="faust"), tmp_path / "worker-faust-0.log").start())
+    workers.append(
+        WorkerProcess(
+            settings.model_copy(update={"driver": "faust"}), tmp_path / "worker-faust-0.log"
+        ).start()
+    )
     wait_group_stable(settings, 1)
     producer = BackgroundProducer(settings, records, rate=600)
     producer.start()
@@ -181,7 +184,9 @@ def test_switching_between_the_faust_and_direct_drivers_mid_stream(
         workers[-1].stop()
         assert producer.in_flight_at(switched_at) > 0
         workers.append(
-            WorkerProcess(replace(settings, driver=driver), tmp_path / f"worker-{driver}-{n}.log").start()
+            WorkerProcess(
+                settings.model_copy(update={"driver": driver}), tmp_path / f"worker-{driver}-{n}.log"
+            ).start()
         )
     producer.finish()
     got = collect(settings, done_count(completions), timeout=240)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -128,7 +128,9 @@ def stopped_mid_stream_then_restarted(
     at_stop = changelog_records(settings)
     written_meanwhile = 0
     if interim:
-        other = start(replace(settings, data_dir=str(tmp_path / "other")), tmp_path / "other.log", workers)
+        other = start(
+            settings.model_copy(update={"data_dir": str(tmp_path / "other")}), tmp_path / "other.log", workers
+        )
         assert other.restore() == Restore(0, at_stop, other.restore().held)  # nothing local there
         time.sleep(3)
         other.stop()
@@ -165,7 +167,9 @@ def compare_with_full_restore(
     read only what the first may have added."""
     last.stop()
     full_records = changelog_records(settings)
-    fresh = start(replace(settings, data_dir=str(tmp_path / "fresh")), tmp_path / "fresh.log", workers)
+    fresh = start(
+        settings.model_copy(update={"data_dir": str(tmp_path / "fresh")}), tmp_path / "fresh.log", workers
+    )
     from_changelog = fresh.restore()
     fresh.stop()
     kept = start(settings, tmp_path / "kept.log", workers)

@@ -25,7 +25,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +49,9 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = DEPLOY / "compose.yaml"
 BIN = Path(sys.executable).parent
 K8S_VERSIONS = ("1.31", kubernetes_validate.latest_version())
-SETTINGS_ENV = {f"CHUNKFOLD_{f.name.upper()}" for f in fields(Settings) if f.name != "bootstrap_servers"} | {
-    "KAFKA_BOOTSTRAP_SERVERS"
-}
+SETTINGS_ENV = {
+    f"CHUNKFOLD_{name.upper()}" for name in Settings.model_fields if name != "bootstrap_servers"
+} | {"KAFKA_BOOTSTRAP_SERVERS"}
 # KEDA's documented ScaledObject spec and kafka trigger parameters (keda.sh/docs/2.x): the CRD
 # schema leaves objects open, so a misspelt field would pass it and be silently ignored.
 KEDA_SPEC_FIELDS = {
