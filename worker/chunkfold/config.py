@@ -17,15 +17,9 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSetti
 
 ENV_PREFIX = "CHUNKFOLD_"
 BOOTSTRAP_ENV = "KAFKA_BOOTSTRAP_SERVERS"
-OTHER_VARIABLES = frozenset(
-    {
-        # the development broker's port (deploy/kafka/kafka.py, make kafka-up)
-        "CHUNKFOLD_KAFKA_PORT",
-        # the audit sink's fault-injection hook for tests (chunkfold audit-sink)
-        "CHUNKFOLD_AUDIT_CRASH_AFTER_DB_COMMIT",
-    }
-)
-"""``CHUNKFOLD_`` variables read by other tools of the project: they are no settings but no typos either."""
+OTHER_VARIABLES = frozenset({"CHUNKFOLD_KAFKA_PORT"})
+"""``CHUNKFOLD_`` variables that are no settings but no typos either: read by other tools of the
+project (the development broker's port, ``deploy/kafka/kafka.py``)."""
 
 Driver = Literal["direct", "faust"]
 ProcessingGuarantee = Literal["at_least_once", "exactly_once"]

@@ -9,12 +9,13 @@ given value over the environment's settings. Command modules call these helpers 
 from __future__ import annotations
 
 import argparse
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 from chunkfold.config import Settings
 
-Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
-"""What ``add_subparsers`` returns: each command module's ``register`` adds its parser to it."""
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+"""What ``add_subparsers`` returns: each command module's ``register`` adds its parser to it
+(for annotations only: the class is not subscriptable at run time)."""
 
 TopicSetting = Literal["input_topic", "events_topic", "done_topic", "deadletter_topic"]
 LOG_FORMATS = ("json", "text")
@@ -40,7 +41,7 @@ def add_topic(parser: argparse.ArgumentParser, setting: TopicSetting, flag: str 
     ``what`` says what the command does with the topic."""
     name = flag or "--" + setting.replace("_", "-")
     label = f"{what} " if what else ""
-    parser.add_argument(name, dest=setting, help=f"{label}(default {default(setting)})")
+    parser.add_argument(name, dest=setting, metavar="TOPIC", help=f"{label}(default {default(setting)})")
 
 
 def add_partitions(parser: argparse.ArgumentParser, what: str) -> None:
