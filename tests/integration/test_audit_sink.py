@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
-from chunkfold.audit_sink import CRASH_ENV, connect
+from chunkfold.audit.database import connect
 from chunkfold.config import Settings
 from chunkfold.core import codec
 from chunkfold.gateway import GatewayRecord
@@ -179,16 +179,21 @@ class Sink:
     group: str
     log_path: Path
     batch: int = 40
-    env: dict[str, str] = field(default_factory=dict)
+    crash_after_db_commit: int = 0
+    """Run ``tests.integration.crashing_audit_sink`` instead: it exits 137 after that database commit."""
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Sink:
         log = self.log_path.open("ab")
-        cmd = [sys.executable, "-m", "chunkfold.cli", "audit-sink", "--database", self.database]
+        if self.crash_after_db_commit:
+            command = ["tests.integration.crashing_audit_sink", str(self.crash_after_db_commit)]
+        else:
+            command = ["chunkfold.cli", "audit-sink"]
+        cmd = [sys.executable, "-m", *command, "--database", self.database]
         cmd += ["--group", self.group, "--batch", str(self.batch)]
         self.proc = subprocess.Popen(
             cmd,
-            env={**settings_env(self.settings), **self.env},
+            env=settings_env(self.settings),
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
@@ -351,7 +356,7 @@ def test_crash_between_database_commit_and_offset_commit(
     ends = produce_done(settings, w.records)
     group = f"{settings.app_id}-audit"
 
-    crashing = Sink(settings, database, group, tmp_path / "sink-1.log", batch=25, env={CRASH_ENV: "3"})
+    crashing = Sink(settings, database, group, tmp_path / "sink-1.log", batch=25, crash_after_db_commit=3)
     sinks.append(crashing.start())
     assert crashing.wait(120) == 137, crashing.log()[-3000:]
     assert "exiting after database commit 3, before the Kafka offset commit" in crashing.log()
