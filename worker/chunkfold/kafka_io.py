@@ -91,13 +91,15 @@ async def sleep_until(deadline: float) -> None:
         await asyncio.sleep(delay)
 
 
-def output_consumer(settings: Settings, *, from_beginning: bool) -> AIOKafkaConsumer:
-    """A group-less consumer of the three output topics (events, done, dead letters); it reads
-    committed records only (with ``exactly_once`` a crashed checkpoint's records never show)."""
+def output_consumer(
+    settings: Settings, *, from_beginning: bool, topics: Iterable[str] | None = None
+) -> AIOKafkaConsumer:
+    """A group-less consumer of the output topics (events, done, dead letters; or ``topics``);
+    it reads committed records only (with ``exactly_once`` a crashed checkpoint's records never show)."""
+    if topics is None:
+        topics = (settings.events_topic, settings.done_topic, settings.deadletter_topic)
     return AIOKafkaConsumer(
-        settings.events_topic,
-        settings.done_topic,
-        settings.deadletter_topic,
+        *topics,
         bootstrap_servers=bootstrap(settings),
         auto_offset_reset="earliest" if from_beginning else "latest",
         group_id=None,

@@ -1,29 +1,18 @@
-"""``chunkfold tail``: follow ``completion-events`` and ``completion-done`` in a readable form."""
+"""Follow the output topics in a readable form (``chunkfold tail``): one line per record.
+
+Reads committed records only, like every reader of the outputs: with ``exactly_once`` the
+records of an aborted transaction never show.
+"""
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import sys
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer
 
 from chunkfold.config import Settings
-from chunkfold.kafka_io import bootstrap
-
-
-def register(sub: Any) -> None:
-    p = sub.add_parser("tail", help="follow completion-events / completion-done in a readable form")
-    p.add_argument("--bootstrap-servers")
-    p.add_argument("--events", action="store_true", help="events only")
-    p.add_argument("--done", action="store_true", help="completion-done only")
-    p.add_argument("--deadletter", action="store_true", help="also the dead-letter topic")
-    p.add_argument("--from-beginning", action="store_true")
-    p.add_argument("--json", action="store_true", help="print raw JSON values, one per line")
-    p.add_argument("--max", type=int, default=0, help="stop after this many records")
-    p.set_defaults(func=cmd_tail)
+from chunkfold.kafka_io import output_consumer
 
 
 def _clip(text: Any, width: int = 60) -> str:
@@ -64,26 +53,18 @@ def describe_done(d: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-async def follow(settings: Settings, args: argparse.Namespace) -> None:
-    topics = []
-    if not args.done:
-        topics.append(settings.events_topic)
-    if not args.events:
-        topics.append(settings.done_topic)
-    if args.deadletter:
-        topics.append(settings.deadletter_topic)
-    consumer = AIOKafkaConsumer(
-        *topics,
-        bootstrap_servers=bootstrap(settings),
-        auto_offset_reset="earliest" if args.from_beginning else "latest",
-        group_id=None,
-    )
+async def follow(
+    settings: Settings, topics: Sequence[str], *, from_beginning: bool, raw: bool, limit: int
+) -> None:
+    """Print each committed record of ``topics`` (output topics of ``settings``) on one line:
+    described, or as its JSON value with ``raw``; return after ``limit`` records (0: never)."""
+    consumer = output_consumer(settings, from_beginning=from_beginning, topics=topics)
     await consumer.start()
     seen = 0
     try:
         async for message in consumer:
             value = orjson.loads(message.value) if message.value else {}
-            if args.json:
+            if raw:
                 line = orjson.dumps(value).decode()
             elif message.topic == settings.events_topic:
                 line = describe_event(value)
@@ -93,17 +74,7 @@ async def follow(settings: Settings, args: argparse.Namespace) -> None:
                 line = f"{value.get('key')} DEADLETTER {value.get('reason')}: {value.get('detail')}"
             print(line, flush=True)
             seen += 1
-            if args.max and seen >= args.max:
+            if limit and seen >= limit:
                 return
     finally:
         await consumer.stop()
-
-
-def cmd_tail(args: argparse.Namespace) -> int:
-    settings = Settings.from_env(bootstrap_servers=args.bootstrap_servers)
-    try:
-        asyncio.run(follow(settings, args))
-    except RuntimeError as exc:
-        print(f"chunkfold tail: {exc}", file=sys.stderr)
-        return 2
-    return 0

@@ -11,10 +11,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from chunkfold.cli import audit_sink, produce, replay, tail, worker
 from chunkfold.cli.options import UsageError
 from chunkfold.config import SettingsError, check_environment
 from chunkfold.core.inputs import InputError
+
+# relative: inside its own __init__, mypy finds the package's submodules only so
+from . import audit_sink, produce, replay, tail, worker
 
 COMMANDS = (replay, worker, produce, tail, audit_sink)
 """In the order ``chunkfold --help`` lists them. Every dependency of these is declared: an

@@ -1,32 +1,26 @@
-"""SSE / JSON Lines framing and the replay command's handling of bad input."""
+"""The ``chunkfold`` command line: bad input, arguments and settings are one line on stderr and
+exit 2; replay's output; the worker's checks before it connects; tail reads committed records."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import orjson
 import pytest
 
-from chunkfold.core.inputs import detect_format, iter_sse_data
+from chunkfold.cli import main
+from chunkfold.config import Settings
+from chunkfold.kafka_io import output_consumer
 from tests.streams import choice, chunk, jsonl, sse
 
 pytestmark = pytest.mark.unit
-
-
-def test_sse_framing_follows_the_spec() -> None:
-    text = "\ufeff: keep-alive comment\r\ndata: one\r\n\r\nevent: x\nid: 7\ndata: two\ndata: lines\n\n:c\rdata:three\r\r"
-    assert [data for _, data in iter_sse_data(text)] == ["one", "two\nlines", "three"]
-
-
-def test_an_unterminated_last_event_is_still_delivered() -> None:
-    assert [data for _, data in iter_sse_data("data: a\n\ndata: [DONE]")] == ["a", "[DONE]"]
-
-
-def test_format_detection() -> None:
-    assert detect_format(": hi\n\ndata: {}\n\n") == "sse"
-    assert detect_format('\n{"id": "x"}\n') == "jsonl"
 
 
 def run_replay(tmp_path: Path, text: str, *args: str) -> subprocess.CompletedProcess[bytes]:
@@ -153,3 +147,114 @@ def test_the_faust_driver_without_faust_installed_is_one_line_and_exit_2() -> No
     assert len(lines) == 1 and "pip install 'chunkfold[faust]'" in lines[0], lines
     help_proc = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, timeout=60)
     assert b"worker" in help_proc.stdout and b"audit-sink" in help_proc.stdout
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    """``chunkfold ARGS`` with ``env`` on top of this environment less its ``CHUNKFOLD_`` variables."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKFOLD_")}
+    return subprocess.run(
+        [sys.executable, "-m", "chunkfold.cli", *args],
+        env={**clean, **env},
+        input=b"",
+        capture_output=True,
+        timeout=60,
+    )
+
+
+EVERY_COMMAND = [
+    ["replay", "--format", "sdk", "-"],
+    ["worker", "--bootstrap-servers", "127.0.0.1:1"],
+    ["produce", "--bootstrap-servers", "127.0.0.1:1", "absent.sse"],
+    ["tail", "--bootstrap-servers", "127.0.0.1:1"],
+    ["audit-sink", "--bootstrap-servers", "127.0.0.1:1"],
+]
+
+
+@pytest.mark.parametrize("command", EVERY_COMMAND, ids=lambda command: command[0])
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CHUNKFOLD_PARTITIONS": "eight"}, "CHUNKFOLD_PARTITIONS='eight': Input should be a valid integer"),
+        ({"CHUNKFOLD_DRIVER": "fast"}, "CHUNKFOLD_DRIVER='fast': Input should be 'direct' or 'faust'"),
+        ({"CHUNKFOLD_SNAPSHOTS": "maybe"}, "CHUNKFOLD_SNAPSHOTS='maybe': Input should be a valid boolean"),
+    ],
+    ids=["int", "literal", "bool"],
+)
+def test_a_bad_setting_value_is_one_line_and_exit_2(
+    command: list[str], env: dict[str, str], message: str
+) -> None:
+    proc = run_cli(*command, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == b""
+    err = proc.stderr.decode()
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"chunkfold {command[0]}: ") and message in err, err
+
+
+@pytest.mark.parametrize("command", EVERY_COMMAND, ids=lambda command: command[0])
+def test_an_unknown_chunkfold_variable_is_one_line_and_exit_2(command: list[str]) -> None:
+    """A misspelt setting would otherwise be ignored silently (the worker would run on the default)."""
+    proc = run_cli(*command, env={"CHUNKFOLD_PARTITION": "4", "CHUNKFOLD_BOOTSTRAP_SERVERS": "k:9092"})
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.decode()
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "CHUNKFOLD_BOOTSTRAP_SERVERS, CHUNKFOLD_PARTITION: no such setting" in err, err
+
+
+class RecordedConsumer:
+    """Stands in for the consumer ``chunkfold tail`` builds: yields ``messages``."""
+
+    def __init__(self, messages: list[SimpleNamespace]) -> None:
+        self.messages = messages
+        self.stopped = False
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+    async def __aiter__(self) -> AsyncIterator[SimpleNamespace]:
+        for message in self.messages:
+            yield message
+
+
+def test_tail_follows_the_chosen_topics_with_the_output_consumer(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = Settings()
+    dead = {"key": "c1", "reason": "oversized", "detail": "too big"}
+    consumer = RecordedConsumer(
+        [
+            SimpleNamespace(topic=settings.deadletter_topic, value=orjson.dumps(dead)),
+            SimpleNamespace(topic=settings.deadletter_topic, value=orjson.dumps(dead)),
+        ]
+    )
+    built: dict[str, Any] = {}
+
+    def output_consumer(settings: Settings, *, from_beginning: bool, topics: Any) -> RecordedConsumer:
+        built.update(from_beginning=from_beginning, topics=list(topics))
+        return consumer
+
+    monkeypatch.setattr("chunkfold.tail.output_consumer", output_consumer)
+    args = ["tail", "--bootstrap-servers", "127.0.0.1:1", "--done", "--deadletter", "--from-beginning"]
+    assert main([*args, "--max", "1"]) == 0
+    assert built == {"from_beginning": True, "topics": [settings.done_topic, settings.deadletter_topic]}
+    assert capsys.readouterr().out == "c1 DEADLETTER oversized: too big\n"
+    assert consumer.stopped
+
+
+def test_the_output_consumer_reads_committed_records_of_the_topics_asked() -> None:
+    """``chunkfold tail`` reads through it: with ``exactly_once`` an aborted transaction's
+    records never show."""
+
+    async def build() -> tuple[frozenset[str], str]:
+        consumer = output_consumer(
+            Settings(bootstrap_servers="127.0.0.1:1"), from_beginning=False, topics=["completion-done"]
+        )
+        try:
+            return consumer.subscription(), consumer._isolation_level
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(build()) == (frozenset({"completion-done"}), "read_committed")

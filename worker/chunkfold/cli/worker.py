@@ -1,39 +1,40 @@
-"""``chunkfold worker``: run the Faust worker with settings from the environment and flags."""
+"""``chunkfold worker``: run a worker of the consumer group with settings from the environment and flags.
+
+Checks the settings, configures logging, prepares the topics, then hands over to the chosen
+driver: ``chunkfold.drivers.direct.run`` or ``chunkfold.drivers.faust.create_app``. Drivers are
+imported only when chosen (the Faust one needs the optional ``chunkfold[faust]`` extra).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import logging.config
 import sys
-from typing import Any
+from typing import get_args
 
-from chunkfold.config import Settings
+from chunkfold.cli import options
+from chunkfold.config import Driver, ProcessingGuarantee, Settings
 
-GUARANTEES = ("at_least_once", "exactly_once")
 
-
-def register(sub: Any) -> None:
-    p = sub.add_parser("worker", help="run a worker of the chunkfold consumer group")
-    p.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (default: $KAFKA_BOOTSTRAP_SERVERS)")
+def register(subcommands: options.Subcommands) -> None:
+    p = subcommands.add_parser("worker", help="run a worker of the chunkfold consumer group")
+    options.add_bootstrap_servers(p)
     p.add_argument("--app-id", help="consumer group / Faust app id (default chunkfold)")
     p.add_argument(
         "--driver",
-        choices=("direct", "faust"),
+        choices=get_args(Driver),
         help="direct (default): batches on aiokafka; faust: a Faust agent and table (same topics and state)",
     )
     p.add_argument(
         "--processing-guarantee",
-        choices=GUARANTEES,
+        choices=get_args(ProcessingGuarantee),
         help="at_least_once (default): idempotent outputs, de-duplicable by (completion id, seq); "
         "exactly_once: Kafka transactions, nothing repeated for read_committed consumers (direct driver)",
     )
-    p.add_argument("--input-topic")
-    p.add_argument("--events-topic")
-    p.add_argument("--done-topic")
-    p.add_argument("--deadletter-topic")
-    p.add_argument("--partitions", type=int, help="partitions of the input and state topics (default 8)")
+    for topic in ("input_topic", "events_topic", "done_topic", "deadletter_topic"):
+        options.add_topic(p, topic)
+    options.add_partitions(p, "partitions of the input and state topics")
     p.add_argument("--idle-timeout", type=float, dest="idle_timeout_s", help="seconds before expiry (600)")
     p.add_argument(
         "--commit-interval", type=float, dest="commit_interval_s", help="write-behind interval (1.0)"
@@ -41,14 +42,8 @@ def register(sub: Any) -> None:
     p.add_argument("--store", help="memory:// (default) or rocksdb://")
     p.add_argument("--data-dir", help="directory for RocksDB table data")
     p.add_argument("--web-port", type=int, help="metrics/health port (6066; 0 disables)")
-    p.add_argument("--snapshots", action="store_true", default=None, help="snapshots on delta events")
-    p.add_argument(
-        "--partial-parse", action="store_true", default=None, help="partial parses on delta events"
-    )
-    p.add_argument("--loglevel", default="info")
-    p.add_argument(
-        "--log-format", choices=("json", "text"), default="json", help="log lines as JSON (default) or text"
-    )
+    options.add_delta_extras(p)
+    options.add_logging(p)
     p.set_defaults(func=run_worker)
 
 
@@ -71,40 +66,12 @@ async def _prepare_topics(settings: Settings) -> dict[str, int]:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from chunkfold.app.logs import logging_config
+    from chunkfold.logs import logging_config
 
-    names = (
-        "bootstrap_servers",
-        "app_id",
-        "driver",
-        "processing_guarantee",
-        "input_topic",
-        "events_topic",
-        "done_topic",
-        "deadletter_topic",
-        "partitions",
-        "idle_timeout_s",
-        "commit_interval_s",
-        "store",
-        "data_dir",
-        "web_port",
-        "snapshots",
-        "partial_parse",
-    )
-    settings = Settings.from_env(**{name: getattr(args, name) for name in names})
+    settings = options.settings(args)
     if not settings.bootstrap_servers:
         print(
             "chunkfold worker: no Kafka: set KAFKA_BOOTSTRAP_SERVERS or --bootstrap-servers", file=sys.stderr
-        )
-        return 2
-    if settings.driver not in ("direct", "faust"):
-        print(f"chunkfold worker: unknown driver {settings.driver!r} (direct or faust)", file=sys.stderr)
-        return 2
-    if settings.processing_guarantee not in GUARANTEES:
-        print(
-            f"chunkfold worker: unknown processing guarantee {settings.processing_guarantee!r} "
-            "(at_least_once or exactly_once)",
-            file=sys.stderr,
         )
         return 2
     if settings.processing_guarantee == "exactly_once" and settings.driver != "direct":
@@ -112,7 +79,7 @@ def run_worker(args: argparse.Namespace) -> int:
         return 2
     if settings.driver == "faust":
         try:
-            from chunkfold.app.faust_app import create_app
+            from chunkfold.drivers.faust import create_app
         except ImportError as exc:
             print(
                 f"chunkfold worker: the Faust driver needs faust-streaming ({exc}): "
@@ -124,7 +91,7 @@ def run_worker(args: argparse.Namespace) -> int:
     logging.config.dictConfig(config)
     limits = asyncio.run(_prepare_topics(settings))
     if settings.driver == "direct":
-        from chunkfold.app import direct
+        from chunkfold.drivers import direct
 
         return direct.run(settings)
     app, processor = create_app(settings)
