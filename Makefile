@@ -49,6 +49,6 @@ run: $(STAMP) ## broker (unless KAFKA_BOOTSTRAP_SERVERS is set) + worker + demo 
 
 clean: ## remove caches and local broker data
 	-$(KAFKA) down
-	rm -rf .cache .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .cache .pytest_cache .mypy_cache .ruff_cache build dist
 
 .PHONY: help install lint test test-fast reliability bench kafka-up kafka-down run clean

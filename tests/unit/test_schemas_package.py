@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -20,10 +21,11 @@ from typing import Any
 
 import pytest
 
-from chunkfold.app.processor import MemoryStore, Processor
 from chunkfold.config import Settings
 from chunkfold.core.records import KIND_HEADER
 from chunkfold.gateway import GatewayRecord, capture_records
+from chunkfold.processor import Processor
+from chunkfold.state.memory import MemoryStore
 from chunkfold_schemas import generate
 from chunkfold_schemas.events import parse_event
 from tests.harness import feed
@@ -272,7 +274,14 @@ def test_each_distribution_owns_its_own_files_only(tmp_path: Path) -> None:
     uninstalled and the other still imports."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "CHUNKFOLD_"))}
     wheels = tmp_path / "wheels"
-    for source in (SCHEMAS, ROOT):
+    # Built from clean copies of the sources: setuptools builds in a build/ directory beside
+    # pyproject.toml, and one left over from an earlier tree would add its stale files.
+    sources = tmp_path / "sources"
+    shutil.copytree(SCHEMAS, sources / "schemas", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, sources / name)
+    shutil.copytree(ROOT / "worker", sources / "worker", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for source in (sources / "schemas", sources):
         _run(
             [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(source)],
             env=env,
