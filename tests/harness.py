@@ -280,7 +280,8 @@ def offline_run(
     records: list[GatewayRecord], settings: Settings | None = None
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """``offline_reference`` plus the dead letters."""
-    from chunkfold.app.processor import MemoryStore, Processor
+    from chunkfold.processor import Processor
+    from chunkfold.state.memory import MemoryStore
 
     settings = settings or Settings()
     processor = Processor(settings, MemoryStore())

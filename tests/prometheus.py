@@ -6,7 +6,7 @@ import re
 from urllib.error import HTTPError
 from urllib.request import urlopen
 
-from chunkfold.app.metrics import METRICS_CONTENT_TYPE
+from chunkfold.metrics import METRICS_CONTENT_TYPE
 
 
 def http_get(port: int, path: str) -> tuple[int, str, str]:

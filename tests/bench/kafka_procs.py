@@ -26,7 +26,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from chunkfold.app.direct import BatchSender
+from chunkfold.drivers.direct.sender import BatchSender
 from chunkfold.kafka_io import make_producer
 
 PIPE_LINGER_MS = 2

@@ -31,13 +31,14 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from chunkfold.app.processor import MemoryStore, Processor
 from chunkfold.config import Settings
 from chunkfold.core.persist import completion_of
 from chunkfold.core.records import KIND_HEADER, SEQ_HEADER
 from chunkfold.gateway import GatewayRecord, capture_records, interleave
 from chunkfold.kafka_io import ensure_topics
+from chunkfold.processor import Processor
 from chunkfold.produce import publish
+from chunkfold.state.memory import MemoryStore
 from tests.bench.context import BenchContext, SectionResult, Verdict
 from tests.bench.kafka_procs import LoadPlan, read_times
 from tests.demo.synthetic import KINDS, capture, make_stream

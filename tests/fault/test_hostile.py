@@ -19,12 +19,13 @@ from typing import Any
 import orjson
 import pytest
 
-from chunkfold.app.processor import MemoryStore, Processor
 from chunkfold.config import Settings
 from chunkfold.core import fit
 from chunkfold.core.records import KIND_HEADER, SEQ_HEADER
 from chunkfold.gateway import GatewayRecord
 from chunkfold.kafka_io import ensure_topics, make_producer
+from chunkfold.processor import Processor
+from chunkfold.state.memory import MemoryStore
 from tests.fault.test_faults import SHAPES, write_report
 from tests.harness import (
     TIMING_FREE,

@@ -17,8 +17,8 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from chunkfold.app.direct import changelog_topic
 from chunkfold.config import Settings
+from chunkfold.state.changelog import changelog_topic
 from tests.harness import (
     BackgroundProducer,
     WorkerProcess,

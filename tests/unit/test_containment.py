@@ -8,11 +8,12 @@ from typing import Any
 import orjson
 import pytest
 
-from chunkfold.app import processor as processor_module
-from chunkfold.app.processor import MemoryStore, Output, Processor
+from chunkfold import processor as processor_module
 from chunkfold.config import Settings
 from chunkfold.core import engine
 from chunkfold.core.records import InputRecord
+from chunkfold.processor import Output, Processor
+from chunkfold.state.memory import MemoryStore
 from chunkfold_schemas.deadletter import parse_deadletter
 from chunkfold_schemas.done import parse_done
 from tests.streams import USAGE, choice, chunk

@@ -44,11 +44,12 @@ from jsonschema_specifications import REGISTRY as METASCHEMAS
 from pydantic import ValidationError
 from referencing.jsonschema import DRAFT7
 
-from chunkfold.app.processor import MemoryStore, Processor
 from chunkfold.config import Settings
 from chunkfold.core.records import KIND_HEADER, SEQ_HEADER, InvalidRecord, RecordKind, decode_record
 from chunkfold.gateway import GatewayRecord, capture_records
+from chunkfold.processor import Processor
 from chunkfold.replay import replay_kafka
+from chunkfold.state.memory import MemoryStore
 from chunkfold_schemas import generate
 from chunkfold_schemas.abort import AbortRecord, parse_abort
 from chunkfold_schemas.chunk import CHUNK_OBJECT, ChatCompletionChunk, ErrorFrame, NonChunkFrame, parse_chunk

@@ -33,10 +33,10 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from chunkfold.app.direct import keeps_local_state
-from chunkfold.app.local_state import local_state_path
 from chunkfold.config import Settings
 from chunkfold.core.records import KIND_HEADER, SEQ_HEADER
+from chunkfold.drivers.direct.recovery import keeps_local_state
+from chunkfold.state.rocksdb import local_state_path
 from tests.demo import synthetic
 from tests.unit.npm_tools import run_node
 

@@ -13,8 +13,10 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
-from chunkfold.app.direct import DirectWorker, changelog_topic
 from chunkfold.config import Settings
+from chunkfold.drivers.direct.checkpoint import OrderedCheckpointer
+from chunkfold.processor import Processor
+from chunkfold.state.changelog import ChangelogStore, changelog_topic
 from tests.streams import CID, choice, chunk
 
 pytestmark = pytest.mark.unit
@@ -62,18 +64,37 @@ class RecordingConsumer:
 
 async def settle_in_steps(
     fail_outputs: bool,
-) -> tuple[DirectWorker, ScriptedSender, list[list[tuple[str, Any]]]]:
+) -> tuple[OrderedCheckpointer, ScriptedSender, list[list[tuple[str, Any]]]]:
     settings = Settings(bootstrap_servers="unused:9092")
-    worker = DirectWorker(settings)
+    store = ChangelogStore()
+    processor = Processor(settings, store)
     sender = ScriptedSender()
-    worker.sender = sender  # type: ignore[assignment]
-    worker.consumer = RecordingConsumer(sender.log)  # type: ignore[assignment]
-    worker.processor.assign([0])
+    checkpointer = OrderedCheckpointer(
+        processor,
+        store,
+        settings,
+        asyncio.Event(),
+        sender=sender,  # type: ignore[arg-type]
+        commit=RecordingConsumer(sender.log).commit,
+        local_copy=None,
+    )
+    processor.assign([0])
     value = orjson.dumps(chunk(choice(0, role="assistant", content="hi")))
-    await worker._process(0, [Message(offset=7, key=CID.encode(), value=value)])
+    message = Message(offset=7, key=CID.encode(), value=value)
+    outputs, _ = processor.process(
+        partition=0,
+        offset=message.offset,
+        key=message.key,
+        value=message.value,
+        headers=message.headers,
+        timestamp_ms=message.timestamp,
+        handle=None,
+    )
+    checkpointer.send(0, outputs)
+    checkpointer.processed(0, message.offset + 1)
     assert ("add", settings.events_topic) in sender.log
     sender.log.clear()
-    settling = asyncio.ensure_future(worker._settle(worker._capture()))
+    settling = asyncio.ensure_future(checkpointer.settle(checkpointer.capture()))
     steps: list[list[tuple[str, Any]]] = []
     for ack in range(2):
         for _ in range(5):
@@ -86,23 +107,25 @@ async def settle_in_steps(
                 sender.acks[ack].set_result(None)
     await settling
     steps.append(list(sender.log))
-    return worker, sender, steps
+    return checkpointer, sender, steps
 
 
 def test_state_is_written_only_after_the_outputs_are_acknowledged_and_offsets_last() -> None:
-    worker, _, (before_ack, after_outputs, after_state) = asyncio.run(settle_in_steps(fail_outputs=False))
-    changelog = changelog_topic(worker.settings)
+    checkpointer, _, (before_ack, after_outputs, after_state) = asyncio.run(
+        settle_in_steps(fail_outputs=False)
+    )
+    changelog = changelog_topic(checkpointer.settings)
     # waiting for the outputs' acknowledgement: no state write, no commit yet
     assert before_ack == [("take", None)]
     # outputs acknowledged: the state write goes out, the commit still waits for it
     assert after_outputs == [("take", None), ("add", changelog), ("take", None)]
     # state acknowledged: the offset after the record is committed
-    assert after_state[-1] == ("commit", {TopicPartition(worker.settings.input_topic, 0): 8})
-    assert worker.failure is None
+    assert after_state[-1] == ("commit", {TopicPartition(checkpointer.settings.input_topic, 0): 8})
+    assert checkpointer.failure is None
 
 
 def test_a_failed_output_delivery_writes_no_state_and_commits_nothing() -> None:
-    worker, sender, steps = asyncio.run(settle_in_steps(fail_outputs=True))
+    checkpointer, sender, steps = asyncio.run(settle_in_steps(fail_outputs=True))
     assert steps[-1] == [("take", None)]
-    assert worker.failure is not None and worker.stopping.is_set()
+    assert checkpointer.failure is not None and checkpointer.stopping.is_set()
     assert all(entry[0] != "commit" for entry in sender.log)

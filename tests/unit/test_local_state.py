@@ -1,6 +1,7 @@
-"""The direct driver's local copy of its state (worker/chunkfold/app/local_state.py): write batches,
-checkpoints across a reopen, wipes, and the checks that decide whether a checkpoint may stand in
-for the changelog before it."""
+"""The direct driver's local copy of its state (worker/chunkfold/state/rocksdb.py, kept up to
+date by worker/chunkfold/drivers/direct/recovery.py): write batches, checkpoints across a
+reopen, wipes, and the checks that decide whether a checkpoint may stand in for the changelog
+before it."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from chunkfold.app.direct import local_checkpoint_max_age_s
-from chunkfold.app.local_state import Checkpoint, LocalState, local_state_path
 from chunkfold.config import Settings
+from chunkfold.drivers.direct.recovery import LocalCopy, local_checkpoint_max_age_s
+from chunkfold.state.rocksdb import Checkpoint, LocalState, local_state_path
 
 pytestmark = pytest.mark.unit
 DAY_S = 86_400.0
@@ -150,27 +151,16 @@ class _Acked:
         self.offset = offset
 
 
-class _Tracked:
-    def __init__(self, tracked: list[tuple[int, Any, Any]]) -> None:
-        self.tracked = tracked
-
-    def take_tracked(self) -> list[tuple[int, Any, Any]]:
-        return self.tracked
-
-
 def test_an_acknowledged_checkpoint_advances_each_partition_to_after_its_last_batch(
     local: LocalState,
 ) -> None:
-    from chunkfold.app.direct import DirectWorker
-
     async def settle() -> None:
         def acked(offset: int) -> asyncio.Future[Any]:
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             future.set_result(_Acked(offset))
             return future
 
-        worker = DirectWorker(Settings(bootstrap_servers="unused:9092"))
-        worker.local = local
+        copy = LocalCopy(local, max_age_s=0.0)
         first, second, third = object(), object(), object()
         written: list[tuple[int, str, bytes | None]] = [
             (0, "a/0", b"1"),
@@ -180,10 +170,8 @@ def test_an_acknowledged_checkpoint_advances_each_partition_to_after_its_last_ba
         ]
         # partition 0: two batches (2 records at offset 10, then 1 at 12); partition 2: one
         # record at 40 (the broker's offset, whatever was appended before it)
-        worker.sender = _Tracked(  # type: ignore[assignment]
-            [(0, first, acked(10)), (0, second, acked(12)), (2, third, acked(40))]
-        )
-        worker._keep_locally(written, {first: 2, second: 1, third: 1}, 500.0)
+        acknowledged = [(0, first, acked(10)), (0, second, acked(12)), (2, third, acked(40))]
+        copy.keep(written, {first: 2, second: 1, third: 1}, acknowledged, 500.0)
 
     asyncio.run(settle())
     assert local.checkpoint(0) == Checkpoint(13, 500.0)
@@ -196,28 +184,23 @@ def test_an_acknowledged_checkpoint_advances_each_partition_to_after_its_last_ba
 def test_a_write_without_a_reported_offset_drops_the_partitions_copy_until_its_next_restore(
     local: LocalState,
 ) -> None:
-    from chunkfold.app.direct import DirectWorker
-
     def acked(offset: int | None) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         future.set_result(_Acked(offset))  # type: ignore[arg-type]
         return future
 
-    async def settle() -> DirectWorker:
-        worker = DirectWorker(Settings(bootstrap_servers="unused:9092"))
-        worker.local = local
+    async def settle() -> LocalCopy:
+        copy = LocalCopy(local, max_age_s=0.0)
         local.write([(0, "a/0", b"old")], {0: 5, 1: 5}, 100.0)
         lost, kept, later = object(), object(), object()
         first: list[tuple[int, str, bytes | None]] = [(0, "a/0", b"lost"), (1, "b/0", b"kept")]
-        worker.sender = _Tracked([(0, lost, acked(None)), (1, kept, acked(5))])  # type: ignore[assignment]
-        worker._keep_locally(first, {lost: 1, kept: 1}, 200.0)
+        copy.keep(first, {lost: 1, kept: 1}, [(0, lost, acked(None)), (1, kept, acked(5))], 200.0)
         assert local.checkpoint(0) is None and list(local.entries(0)) == []
         assert local.checkpoint(1) == Checkpoint(6, 200.0)
         # a later write of partition 0 with its offset must not claim the lost one
-        worker.sender = _Tracked([(0, later, acked(7))])  # type: ignore[assignment]
-        worker._keep_locally([(0, "c/0", b"new")], {later: 1}, 300.0)
-        return worker
+        copy.keep([(0, "c/0", b"new")], {later: 1}, [(0, later, acked(7))], 300.0)
+        return copy
 
-    worker = asyncio.run(settle())
+    copy = asyncio.run(settle())
     assert local.checkpoint(0) is None and list(local.entries(0)) == []
-    assert worker.local_stale == {0}
+    assert copy.stale == {0}

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from chunkfold.app.logs import TextFormatter, escape, logging_config
+from chunkfold.logs import TextFormatter, escape, logging_config
 
 pytestmark = pytest.mark.unit
 

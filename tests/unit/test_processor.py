@@ -10,12 +10,13 @@ from typing import Any
 import orjson
 import pytest
 
-from chunkfold.app import processor as processor_module
-from chunkfold.app.processor import MemoryStore, Output, Processor
+from chunkfold import processor as processor_module
 from chunkfold.config import Settings
 from chunkfold.core.inputs import frames_to_keys, iter_frames
 from chunkfold.core.records import KIND_HEADER, SEQ_HEADER, RecordKind
+from chunkfold.processor import Output, Processor
 from chunkfold.replay import replay_kafka
+from chunkfold.state.memory import MemoryStore
 from tests.harness import feed
 from tests.recorded import recordings
 
@@ -287,7 +288,7 @@ def test_a_backlog_does_not_expire_completions_whose_records_are_still_coming() 
 def test_log_lines_about_a_completion_carry_its_id(caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    from chunkfold.app.logs import JsonFormatter
+    from chunkfold.logs import JsonFormatter
 
     processor = Processor(Settings(), MemoryStore())
     processor.assign([0])

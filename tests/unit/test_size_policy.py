@@ -10,10 +10,11 @@ from typing import Any
 import orjson
 import pytest
 
-from chunkfold.app.processor import MemoryStore, Output, Processor
 from chunkfold.config import Settings
 from chunkfold.core import fit, persist
 from chunkfold.core.records import KIND_HEADER, MAX_KEY_BYTES
+from chunkfold.processor import Output, Processor
+from chunkfold.state.memory import MemoryStore
 from chunkfold_schemas.deadletter import parse_deadletter
 from chunkfold_schemas.done import parse_done
 from chunkfold_schemas.events import parse_event

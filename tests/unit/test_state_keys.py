@@ -15,7 +15,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chunkfold.app.processor import MemoryStore, Output, Processor
 from chunkfold.config import Settings
 from chunkfold.core import codec, engine
 from chunkfold.core.persist import (
@@ -29,6 +28,8 @@ from chunkfold.core.persist import (
 )
 from chunkfold.core.records import InvalidRecord, decode_record
 from chunkfold.core.state import ClosedCompletion, CompletionState, StateVersionError
+from chunkfold.processor import Output, Processor
+from chunkfold.state.memory import MemoryStore
 from tests.shapes import all_shapes_stream
 from tests.unit.test_restore_exact import restored_after_every_record, uninterrupted
 

@@ -28,7 +28,7 @@ Served = tuple[list[Any], set[str]]
 
 @asynccontextmanager
 async def faust_server(settings: Settings) -> AsyncIterator[Served]:
-    from chunkfold.app.faust_app import create_app
+    from chunkfold.drivers.faust import create_app
 
     app, _ = create_app(settings)
     server: Any = app.web  # Faust's aiohttp driver
@@ -42,9 +42,14 @@ async def faust_server(settings: Settings) -> AsyncIterator[Served]:
 
 @asynccontextmanager
 async def direct_server(settings: Settings) -> AsyncIterator[Served]:
-    from chunkfold.app.direct import DirectWorker
+    from chunkfold.drivers.direct.recovery import Recovery
+    from chunkfold.drivers.direct.worker import serve_web
+    from chunkfold.processor import Processor
+    from chunkfold.state.changelog import ChangelogStore, changelog_topic
 
-    runner = await DirectWorker(settings)._start_web()
+    store = ChangelogStore()
+    recovery = Recovery(settings, store, changelog_topic(settings), local_copy=None)
+    runner = await serve_web(settings, Processor(settings, store), recovery)
     try:
         yield runner.addresses, paths(runner.app)
     finally:

@@ -14,61 +14,34 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
-from chunkfold.app.metrics import Metrics, render
+from prometheus_client.metrics_core import Metric
+
 from chunkfold.config import Settings
 from chunkfold.core import codec, engine, fit, outputs
 from chunkfold.core.persist import CorruptState, Cursor, completion_of, delete_writes, flush_writes, restore
 from chunkfold.core.records import MAX_KEY_BYTES, InvalidRecord, RecordKind, decode_record
 from chunkfold.core.state import AnyState, ClosedCompletion, CompletionState, StateVersionError
+from chunkfold.metrics import Families, Metrics, counter, gauge, histogram, worker_registry
+from chunkfold.state.store import StateStore
 
 Headers = Sequence[tuple[str, bytes]]
 Fold = Callable[[AnyState | None, str, Any, engine.FoldOptions], engine.FoldResult]
+Highwater = Callable[[int], int | None]
+"""The input topic's end offset of a partition (None: not known), for the consumer lag."""
 SWEEP_SLICE = 5_000
 """Completions (open or tombstones) one ``sweep`` call examines: about 5 ms of work."""
 log = logging.getLogger("chunkfold.worker")
 
 
+def _no_highwater(_partition: int) -> int | None:
+    return None
+
+
 def _describe(exc: Exception) -> str:
     """An unexpected exception in one line of bounded length, for a dead letter or done record."""
     return " ".join(f"{type(exc).__name__}: {exc}".split())[:1000]
-
-
-class StateStore(Protocol):
-    """Table storage: reads are local; writes go to the local store and the changelog of
-    ``partition`` (the completion's input partition)."""
-
-    def get(self, key: str) -> bytes | None: ...
-
-    def write(self, partition: int, key: str, value: bytes | None) -> None: ...
-
-    def items(self) -> Iterable[tuple[str, bytes]]: ...
-
-
-class MemoryStore:
-    """A dict-backed ``StateStore`` (tests, replay); keeps a per-partition log of writes."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-        self.log: list[tuple[int, str, bytes | None]] = []
-
-    def get(self, key: str) -> bytes | None:
-        return self.data.get(key)
-
-    def write(self, partition: int, key: str, value: bytes | None) -> None:
-        self.log.append((partition, key, value))
-        self.put(key, value)
-
-    def put(self, key: str, value: bytes | None) -> None:
-        """Set (None: delete) ``key`` without logging a write."""
-        if value is None:
-            self.data.pop(key, None)
-        else:
-            self.data[key] = value
-
-    def items(self) -> Iterable[tuple[str, bytes]]:
-        return list(self.data.items())
 
 
 class Received(NamedTuple):
@@ -133,6 +106,7 @@ class Processor:
         store: StateStore,
         clock: Callable[[], float] = time.time,
         fold: Fold = engine.fold,
+        highwater: Highwater = _no_highwater,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -159,6 +133,11 @@ class Processor:
         self.last_record_at: dict[int, int] = {}
         self.generation = 0
         self.stats = Stats()
+        self.highwater = highwater
+        """The driver's view of the input topic's end offsets (``chunkfold_consumer_lag``)."""
+        self.registry = worker_registry()
+        """This worker's Prometheus series (``/metrics``); a driver registers its own here."""
+        self.registry.register(Families(self.metric_families))
 
     # -- records --------------------------------------------------------------------------
 
@@ -536,81 +515,68 @@ class Processor:
         self.stats.unreadable_state += 1
         log.warning("stored state skipped: %s", exc, extra={"completion_id": what[:200]})
 
-    def metrics_text(self, highwater: Callable[[int], int | None]) -> str:
-        """Prometheus exposition; ``highwater(partition)`` gives the input topic's end offset."""
+    def metric_families(self) -> list[Metric]:
+        """The processor's Prometheus series, read at each scrape."""
         s = self.stats
         lag = {}
         for partition in sorted(self.assigned):
-            end = highwater(partition)
+            end = self.highwater(partition)
             if end is not None:
                 lag[str(partition)] = max(0, end - self.positions.get(partition, -1) - 1)
-        return render(
-            counters={
-                "chunkfold_records_in_total": ("input records read", s.records_in, ""),
-                "chunkfold_chunks_in_total": ("chunk records folded", s.chunks_in, ""),
-                "chunkfold_replayed_skipped_total": (
-                    "redelivered records already folded into the stored state (skipped)",
-                    s.replayed_skipped,
-                    "",
-                ),
-                "chunkfold_events_out_total": ("events published", s.events_out, ""),
-                "chunkfold_completions_out_total": (
-                    "completion-done records by status",
-                    s.completions_out,
-                    "status",
-                ),
-                "chunkfold_deadletters_total": ("dead-letter records by reason", s.deadletters, "reason"),
-                "chunkfold_truncated_outputs_total": (
-                    "output records cut to fit their topic, by topic",
-                    s.truncated,
-                    "topic",
-                ),
-                "chunkfold_state_writes_total": (
-                    "state store writes (changelog records)",
-                    s.state_writes,
-                    "",
-                ),
-                "chunkfold_state_written_bytes_total": ("state bytes written", s.state_bytes_written, ""),
-            },
-            gauges={
-                "chunkfold_open_completions": (
-                    "completions open on this worker",
-                    self.open_completions(),
-                    "",
-                ),
-                "chunkfold_closed_tombstones": (
-                    "finished completions kept to catch late records",
-                    self.closed_tombstones(),
-                    "",
-                ),
-                "chunkfold_state_bytes": (
-                    "bytes of state stored for tracked completions",
-                    self.state_bytes(),
-                    "",
-                ),
-                "chunkfold_assigned_partitions": ("input partitions owned", len(self.assigned), ""),
-                "chunkfold_consumer_lag": (
-                    "records behind the end of each input partition",
-                    lag,
-                    "partition",
-                ),
-            },
-            histograms={
-                "chunkfold_processing_latency_seconds": (
-                    "time to fold one record",
-                    s.metrics.processing_latency_s,
-                ),
-                "chunkfold_end_to_end_latency_seconds": (
-                    "record timestamp to its outputs being sent",
-                    s.metrics.end_to_end_latency_s,
-                ),
-                "chunkfold_time_to_first_token_seconds": (
-                    "of finished completions",
-                    s.metrics.time_to_first_token_s,
-                ),
-                "chunkfold_tokens_per_second": ("of finished completions", s.metrics.tokens_per_second),
-            },
-        )
+        return [
+            counter("chunkfold_records_in_total", "input records read", s.records_in),
+            counter("chunkfold_chunks_in_total", "chunk records folded", s.chunks_in),
+            counter(
+                "chunkfold_replayed_skipped_total",
+                "redelivered records already folded into the stored state (skipped)",
+                s.replayed_skipped,
+            ),
+            counter("chunkfold_events_out_total", "events published", s.events_out),
+            counter(
+                "chunkfold_completions_out_total",
+                "completion-done records by status",
+                s.completions_out,
+                "status",
+            ),
+            counter("chunkfold_deadletters_total", "dead-letter records by reason", s.deadletters, "reason"),
+            counter(
+                "chunkfold_truncated_outputs_total",
+                "output records cut to fit their topic, by topic",
+                s.truncated,
+                "topic",
+            ),
+            counter("chunkfold_state_writes_total", "state store writes (changelog records)", s.state_writes),
+            counter("chunkfold_state_written_bytes_total", "state bytes written", s.state_bytes_written),
+            gauge("chunkfold_open_completions", "completions open on this worker", self.open_completions()),
+            gauge(
+                "chunkfold_closed_tombstones",
+                "finished completions kept to catch late records",
+                self.closed_tombstones(),
+            ),
+            gauge(
+                "chunkfold_state_bytes", "bytes of state stored for tracked completions", self.state_bytes()
+            ),
+            gauge("chunkfold_assigned_partitions", "input partitions owned", len(self.assigned)),
+            gauge(
+                "chunkfold_consumer_lag", "records behind the end of each input partition", lag, "partition"
+            ),
+            histogram(
+                "chunkfold_processing_latency_seconds",
+                "time to fold one record",
+                s.metrics.processing_latency_s,
+            ),
+            histogram(
+                "chunkfold_end_to_end_latency_seconds",
+                "record timestamp to its outputs being sent",
+                s.metrics.end_to_end_latency_s,
+            ),
+            histogram(
+                "chunkfold_time_to_first_token_seconds",
+                "of finished completions",
+                s.metrics.time_to_first_token_s,
+            ),
+            histogram("chunkfold_tokens_per_second", "of finished completions", s.metrics.tokens_per_second),
+        ]
 
     def clock_ms(self) -> int:
         return int(self.clock() * 1000)

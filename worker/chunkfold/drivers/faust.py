@@ -1,4 +1,6 @@
-"""Faust wiring only: the app, its topics and state table, one agent and one timer.
+"""The Faust driver, wiring only: the app, its topics and state table, one agent, one timer
+and the web pages. The only module that imports Faust, with ``chunkfold.state.faust_table``
+(the table store, imported from here).
 
 The agent decodes nothing and decides nothing: it hands each raw record to the
 ``Processor`` and sends what comes back. The timer writes state behind: it captures the
@@ -9,70 +11,37 @@ offset commit never passes a record whose outputs or state are not durable.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-import weakref
-from collections.abc import Iterable, Iterator
-from types import SimpleNamespace
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
-from faust.streams import _current_event
 from faust.types import TP
 
-from chunkfold.app.metrics import METRICS_CONTENT_TYPE
-from chunkfold.app.processor import Output, Processor
 from chunkfold.config import Settings
+from chunkfold.drivers import PRODUCER_LINGER_MS
+from chunkfold.processor import Output, Processor
+from chunkfold.state.faust_table import TableStore
+from chunkfold.web import Page, Pages
 
 log = logging.getLogger("chunkfold.worker")
 STATE_TABLE = "state"
 PRODUCER_BUFFER_MESSAGES = 20_000
 
 
-class _PartitionEvent:
-    """Stands in for the current event so that table writes made from the timer go to the
-    changelog partition (and RocksDB column) of the completion's input partition."""
+def _view(page: Callable[[], Page]) -> Callable[[Any, Any], Awaitable[Any]]:
+    """A Faust page serving ``page``."""
 
-    def __init__(self, topic: str, partition: int) -> None:
-        self.message = SimpleNamespace(topic=topic, partition=partition)
+    async def view(self: Any, _request: Any) -> Any:
+        status, content_type, body = page()
+        return self.bytes(body, status=status, headers={"Content-Type": content_type})
 
-
-@contextlib.contextmanager
-def _in_partition(topic: str, partition: int) -> Iterator[None]:
-    event = _PartitionEvent(topic, partition)
-    token = _current_event.set(weakref.ref(event))  # type: ignore[arg-type]
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
-
-
-class TableStore:
-    """``StateStore`` over a Faust table with raw ``bytes`` keys and values."""
-
-    def __init__(self, table: Any, input_topic: str) -> None:
-        self.table = table
-        self.input_topic = input_topic
-
-    def get(self, key: str) -> bytes | None:
-        value: bytes | None = self.table.data.get(key.encode("utf-8"))
-        return value
-
-    def write(self, partition: int, key: str, value: bytes | None) -> None:
-        raw = key.encode("utf-8")
-        with _in_partition(self.input_topic, partition):
-            if value is None:
-                if raw in self.table.data:
-                    del self.table[raw]
-            else:
-                self.table[raw] = value
-
-    def items(self) -> Iterable[tuple[str, bytes]]:
-        return [(k.decode("utf-8"), v) for k, v in self.table.data.items()]
+    return view
 
 
 def create_app(settings: Settings) -> tuple[faust.App, Processor]:
+    """The Faust app of a worker and its ``Processor``."""
     brokers = [
         f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",") if server.strip()
     ]
@@ -102,7 +71,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
         web_graph_enabled=False,
         web_metrics_enabled=False,
         producer_acks=-1,
-        producer_linger_ms=2,
+        producer_linger_ms=PRODUCER_LINGER_MS,
         producer_max_request_size=settings.max_message_bytes,
         # Acks are held until the write-behind timer has made the state durable; waiting for
         # them at shutdown or rebalance would stall (the timer is stopped by then). Unacked
@@ -123,7 +92,15 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
     table = app.Table(
         STATE_TABLE, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes
     )
-    processor = Processor(settings, TableStore(table, settings.input_topic))
+
+    def highwater(partition: int) -> int | None:
+        try:
+            value = app.consumer.highwater(TP(settings.input_topic, partition))
+        except Exception:
+            return None
+        return None if value is None else int(value)
+
+    processor = Processor(settings, TableStore(table, settings.input_topic), highwater=highwater)
     metrics = processor.stats.metrics
 
     async def send(items: list[Output]) -> None:
@@ -185,25 +162,9 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
     async def on_revoked(_sender: Any, *args: Any, **_: Any) -> None:
         processor.revoke(tp.partition for tp in args[0] if tp.topic == settings.input_topic)
 
-    def highwater(partition: int) -> int | None:
-        try:
-            value = app.consumer.highwater(TP(settings.input_topic, partition))
-        except Exception:
-            return None
-        return None if value is None else int(value)
-
-    @app.page("/metrics")
-    async def metrics_page(self: Any, request: Any) -> Any:
-        return self.text(processor.metrics_text(highwater), headers={"Content-Type": METRICS_CONTENT_TYPE})
-
-    @app.page("/healthz")
-    async def liveness(self: Any, request: Any) -> Any:
-        return self.json({"status": "alive"})
-
-    @app.page("/readyz")
-    async def readiness(self: Any, request: Any) -> Any:
-        body = processor.readiness(recovering=app.rebalancing or app.in_recovery)
-        return self.json(body, status=200 if body["ready"] else 503)
+    pages = Pages(processor, recovering=lambda: bool(app.rebalancing or app.in_recovery))
+    for path, page in pages.routes().items():
+        app.page(path, name=path.strip("/"))(_view(page))
 
     del (
         fold,
@@ -212,9 +173,6 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
         on_assigned,
         on_recovered,
         on_revoked,
-        metrics_page,
-        liveness,
-        readiness,
     )
     _ = sinks
     return app, processor

@@ -1,0 +1,145 @@
+"""``BatchSender``: the direct driver's at-least-once producer path, batches built here and
+handed to aiokafka's producer by a background task (performance-tuned: no per-record future)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
+
+PARTITION_CACHE_SIZE = 100_000
+
+
+class BatchSender:
+    """Sends records in batches built here, the way ``producer.send`` batches them but without
+    its per-record future and partitioner call. Per topic partition there is one open batch; a
+    new one is handed to the producer by a background task (so processing never waits for the
+    hand-over) and stays open after that: records keep joining it until the producer builds it
+    for a produce request (then ``append`` returns None and the next record opens a new batch).
+    So a record goes out with the next produce request to its broker, never queued behind a
+    batch of its own partition (aiokafka sends one batch per partition per request).
+
+    Requires a producer without idempotence or transactions (aiokafka numbers an idempotent
+    batch when it takes it from its queue, before building it). Keys map to partitions as
+    aiokafka's default partitioner (murmur2) maps them, computed once per key."""
+
+    def __init__(self, producer: AIOKafkaProducer, *, tracked_topic: str | None = None) -> None:
+        self.producer = producer
+        self.partition_counts: dict[str, int] = {}
+        self.partition_cache: dict[tuple[int, bytes], int] = {}
+        self.open: dict[tuple[str, int], Any] = {}
+        self.new: list[tuple[tuple[str, int], Any]] = []
+        """Batches opened and not yet handed over, in the order they were opened."""
+        self.in_flight: list[asyncio.Future[Any]] = []
+        self.wakeup = asyncio.Event()
+        self.requested = 0
+        """Hand-overs asked for by ``kick``; ``handed`` counts those done."""
+        self.handed = 0
+        self.progress = asyncio.Condition()
+        self.error: BaseException | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.tracked_topic = tracked_topic
+        """Batches of this topic are also kept with their partition and future for
+        ``take_tracked`` (the driver's local copy derives changelog offsets from them)."""
+        self.tracked: list[tuple[int, Any, asyncio.Future[Any]]] = []
+
+    async def start(self, topics: Iterable[str]) -> None:
+        for topic in topics:
+            self.partition_counts[topic] = len(await self.producer.partitions_for(topic))
+        self.task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+    def add(
+        self,
+        topic: str,
+        key: bytes,
+        value: bytes | None,
+        partition: int | None = None,
+        *,
+        headers: list[tuple[str, bytes]] | None = None,
+        timestamp_ms: int | None = None,
+    ) -> Any:
+        """Append a record (``partition`` None: the key's); it is sent after the next ``kick``.
+        Returns the batch it joined."""
+        if partition is None:
+            partition = self._partition(topic, key)
+        tp = (topic, partition)
+        batch = self.open.get(tp)
+        # aiokafka's own send passes milliseconds here (its docstring says seconds)
+        if (
+            batch is None
+            or batch.append(timestamp=timestamp_ms, key=key, value=value, headers=headers) is None
+        ):
+            batch = self.open[tp] = self.producer.create_batch()
+            self.new.append((tp, batch))
+            if batch.append(timestamp=timestamp_ms, key=key, value=value, headers=headers) is None:
+                raise ValueError(f"a record of {len(value or b'')} bytes does not fit a batch")
+        return batch
+
+    def _partition(self, topic: str, key: bytes) -> int:
+        count = self.partition_counts[topic]
+        cached = self.partition_cache.get((count, key))
+        if cached is None:
+            if len(self.partition_cache) >= PARTITION_CACHE_SIZE:
+                self.partition_cache.clear()
+            cached = self.partition_cache[(count, key)] = (murmur2(key) & 0x7FFFFFFF) % count
+        return cached
+
+    def kick(self) -> int:
+        """Have the background task hand what is built so far to the producer; returns a mark
+        for ``take``."""
+        self.requested += 1
+        self.wakeup.set()
+        return self.requested
+
+    async def _run(self) -> None:
+        while True:
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            target = self.requested
+            try:
+                await self._hand_over()
+            except (KafkaError, ValueError) as exc:  # reported by ``take``
+                self.error = exc
+            async with self.progress:
+                self.handed = target
+                self.progress.notify_all()
+            if self.error is not None:
+                return
+
+    async def _hand_over(self) -> None:
+        """Hand every new batch to the producer (only the background task does, so the batches
+        of one partition go out in the order they were opened)."""
+        batches, self.new = self.new, []
+        for (topic, partition), batch in batches:
+            future = await self.producer.send_batch(batch, topic, partition=partition)
+            self.in_flight.append(future)
+            if topic == self.tracked_topic:
+                self.tracked.append((partition, batch, future))
+
+    async def take(self, mark: int) -> list[asyncio.Future[Any]]:
+        """Wait until everything built before ``kick`` returned ``mark`` is handed to the
+        producer, then return the futures of every batch handed over since the last ``take``.
+        Raises what stopped the background task, if anything did."""
+        async with self.progress:
+            await self.progress.wait_for(lambda: self.handed >= mark or self.error is not None)
+        if self.error is not None:
+            raise self.error
+        in_flight, self.in_flight = self.in_flight, []
+        return in_flight
+
+    def take_tracked(self) -> list[tuple[int, Any, asyncio.Future[Any]]]:
+        """(partition, batch, future) of every batch of ``tracked_topic`` handed over since the
+        last call."""
+        tracked, self.tracked = self.tracked, []
+        return tracked
