@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -9,7 +10,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from chunkfold_schemas.completion import CompletionUsage, ParsedChatCompletion
 from chunkfold_schemas.truncation import TRUNCATED_DESCRIPTION, Truncation
 
-Status = Literal["completed", "length", "content_filter", "aborted", "expired", "failed"]
+
+# The engine closes completions with these members, so the statuses it writes and the ones this
+# model accepts cannot drift apart. A member is a ``str`` equal to its value: orjson, pydantic,
+# sqlite3 and psycopg all write it as that string.
+class Status(StrEnum):
+    """How the completion ended."""
+
+    COMPLETED = "completed"
+    LENGTH = "length"
+    CONTENT_FILTER = "content_filter"
+    ABORTED = "aborted"
+    EXPIRED = "expired"
+    FAILED = "failed"
 
 
 class ErrorInfo(BaseModel):
