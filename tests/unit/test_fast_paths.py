@@ -137,7 +137,7 @@ def _fold_all(payloads: list[Any], plain: bool, monkeypatch: pytest.MonkeyPatch)
     """Every output of folding ``payloads`` (one record each, then [DONE]) as bytes."""
     with monkeypatch.context() as patched:
         if not plain:
-            patched.setattr(engine, "_fold_plain_chunk", lambda *args: False)
+            patched.setattr(engine, "fold_plain_chunk", lambda *args: False)
         out: list[bytes] = []
         state: Any = None
         request = {"model": "m", "messages": [], "tools": TOOLS}

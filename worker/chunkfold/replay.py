@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from chunkfold.config import Settings
-from chunkfold.core import codec, engine, outputs
+from chunkfold.core import codec, completion, engine, outputs
 from chunkfold.core.inputs import Frame, InputError, frames_to_keys, iter_frames
 from chunkfold.core.records import InputRecord, InvalidRecord, RecordKind, make_record
 from chunkfold.core.state import AnyState, CompletionState
@@ -37,7 +37,7 @@ def replay_sdk(text: str, request: dict[str, Any] | None) -> Iterator[dict[str, 
     if not isinstance(state, CompletionState):
         yield {"type": "error", "error": "AssertionError"}
         return
-    kind, value = engine.sdk_final(state)
+    kind, value = completion.sdk_final(state)
     yield (
         {"type": "completion", "completion": value}
         if kind == "completion"
