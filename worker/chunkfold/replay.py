@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from chunkfold.config import Settings
 from chunkfold.core import codec, completion, engine, outputs
 from chunkfold.core.inputs import Frame, InputError, frames_to_keys, iter_frames
 from chunkfold.core.records import InputRecord, InvalidRecord, RecordKind, make_record
 from chunkfold.core.state import AnyState, CompletionState
+
+if TYPE_CHECKING:
+    # for annotations only: pydantic-settings imports asyncio, and replay stays free of I/O
+    # modules like the core (tests/unit/test_purity.py)
+    from chunkfold.config import Settings
 
 
 def replay_sdk(text: str, request: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
