@@ -280,7 +280,9 @@ def test_each_distribution_owns_its_own_files_only(tmp_path: Path) -> None:
     shutil.copytree(SCHEMAS, sources / "schemas", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, sources / name)
-    shutil.copytree(ROOT / "worker", sources / "worker", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(
+        ROOT / "worker", sources / "worker", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
     for source in (sources / "schemas", sources):
         _run(
             [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(source)],
