@@ -200,15 +200,5 @@ def test_state_writes_stay_within_a_changelog_record_and_restore_exactly() -> No
     first.apply(batch)
     second = Processor(Settings(partitions=1), store)
     second.assign([0])
-    for offset, (key, value, headers) in enumerate(records[half:], start=half):
-        got, _ = second.process(
-            partition=0,
-            offset=offset,
-            key=key,
-            value=value,
-            headers=headers,
-            timestamp_ms=offset,
-            handle=None,
-        )
-        out += got
+    out += run(second, records[half:], start=half)
     assert [o.value for o in out] == [o.value for o in uninterrupted]
