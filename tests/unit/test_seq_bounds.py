@@ -9,10 +9,11 @@ from typing import Any
 import orjson
 import pytest
 
-from chunkfold.core import codec, engine
+from chunkfold.core import engine
 from chunkfold.core.engine import MAX_SEQ_JUMP
 from chunkfold.core.records import InputRecord, RecordKind
 from chunkfold.core.state import AnyState, CompletionState, decode_state, encode_state
+from tests.folding import fold_all
 from tests.streams import CID, choice, chunk
 
 pytestmark = pytest.mark.unit
@@ -28,26 +29,15 @@ def text_records(seqs: list[int]) -> list[InputRecord]:
     return records
 
 
-def fold_all(records: list[InputRecord], roundtrip: bool = False) -> tuple[list[bytes], dict[str, Any]]:
-    """The published bytes (events, then the done record) and the done record."""
-    state: AnyState | None = None
-    out: list[bytes] = []
-    done: dict[str, Any] | None = None
-    for record in records:
-        result = engine.fold(state, CID, record)
-        out += [codec.dumps(event) for event in result.events]
-        if result.done is not None:
-            done = result.done
-            out.append(codec.dumps(result.done))
-        state = result.state
-        if roundtrip and state is not None:
-            state = decode_state(encode_state(state))
+def fold_finished(records: list[InputRecord], roundtrip: bool = False) -> tuple[list[bytes], dict[str, Any]]:
+    """The published bytes and the done record of a completion that must finish."""
+    out, done, _ = fold_all(records, roundtrip)
     assert done is not None
     return out, done
 
 
 def test_one_huge_seq_is_ignored_and_the_stream_folds_on() -> None:
-    out, done = fold_all(text_records([0, 999_999_999_999_999_999, 2, 3, 4]))
+    out, done = fold_finished(text_records([0, 999_999_999_999_999_999, 2, 3, 4]))
     assert done["status"] == "completed"
     assert done["completion"]["choices"][0]["message"]["content"] == "01234"
     assert [orjson.loads(e)["delta"] for e in out[:-1]] == ["0", "1", "2", "3", "4"]
@@ -59,18 +49,18 @@ def test_one_huge_seq_is_ignored_and_the_stream_folds_on() -> None:
         "skipped_frames": 0,
         "seq_invalid": 1,
     }
-    assert fold_all(text_records([0, 999_999_999_999_999_999, 2, 3, 4]), roundtrip=True)[0] == out
+    assert fold_finished(text_records([0, 999_999_999_999_999_999, 2, 3, 4]), roundtrip=True)[0] == out
 
 
 def test_a_huge_first_seq_is_ignored_too() -> None:
-    _, done = fold_all(text_records([10**17, 0, 1]))
+    _, done = fold_finished(text_records([10**17, 0, 1]))
     assert done["completion"]["choices"][0]["message"]["content"] == "012"
     assert (done["anomalies"]["seq_invalid"], done["anomalies"]["duplicates_dropped"]) == (1, 0)
 
 
 def test_redeliveries_are_still_dropped_after_an_ignored_header() -> None:
     records = text_records([0, 1, 10**15, 2, 1, 3])
-    _, done = fold_all(records)
+    _, done = fold_finished(records)
     assert done["completion"]["choices"][0]["message"]["content"] == "01235"
     assert done["anomalies"] == {
         "duplicates_dropped": 1,
@@ -89,7 +79,7 @@ def test_the_jump_bound(jump: int, gaps: int, missing: int, invalid: int) -> Non
     """Up to ``MAX_SEQ_JUMP`` past the expected seq (1) is records lost in between; one more is
     a bogus header (and the next record, seq 2, then shows seq 1 missing)."""
     seq = 1 + jump
-    _, done = fold_all(text_records([0, seq, 2] if invalid else [0, seq, seq + 1]))
+    _, done = fold_finished(text_records([0, seq, 2] if invalid else [0, seq, seq + 1]))
     anomalies = done["anomalies"]
     assert (anomalies["seq_gaps"], anomalies["missing_records"], anomalies["seq_invalid"]) == (
         gaps,

@@ -12,10 +12,11 @@ import jsonschema
 import orjson
 import pytest
 
-from chunkfold.core import codec, engine, validation
+from chunkfold.core import codec, validation
 from chunkfold.core.records import InputRecord, RecordKind
-from chunkfold.core.state import AnyState, CompletionState, decode_state, encode_state
-from tests.streams import CID, LOCATION_SCHEMA, choice, chunk, tool_delta
+from chunkfold.core.state import CompletionState, decode_state, encode_state
+from tests.folding import fold_all
+from tests.streams import LOCATION_SCHEMA, choice, chunk, tool_delta
 
 pytestmark = pytest.mark.unit
 
@@ -38,26 +39,6 @@ def content_records(request: dict[str, Any], *contents: str) -> list[InputRecord
         records.append(InputRecord(RecordKind.CHUNK, chunk(choice(i, finish_reason="stop"))))
     records.append(InputRecord(RecordKind.DONE))
     return records
-
-
-def fold_all(
-    records: list[InputRecord], roundtrip: bool = False
-) -> tuple[list[bytes], dict[str, Any] | None, AnyState | None]:
-    """The published bytes (events and done record, in order), the done record and the last state;
-    ``roundtrip``: the state goes through its bytes after every record."""
-    state: AnyState | None = None
-    out: list[bytes] = []
-    done: dict[str, Any] | None = None
-    for offset, record in enumerate(records):
-        result = engine.fold(state, CID, record._replace(offset=offset))
-        out += [codec.dumps(event) for event in result.events]
-        if result.done is not None:
-            done = result.done
-            out.append(codec.dumps(result.done))
-        state = result.state
-        if roundtrip and state is not None:
-            state = decode_state(encode_state(state))
-    return out, done, state
 
 
 def finished(records: list[InputRecord]) -> tuple[list[bytes], dict[str, Any]]:
