@@ -107,6 +107,37 @@ def test_kafka_format_interleaves_completions(tmp_path: Path) -> None:
         assert seqs == list(range(len(seqs))) and seqs
 
 
+def test_a_capture_whose_chunks_carry_no_id_replays_as_one_completion(tmp_path: Path) -> None:
+    stream = [
+        chunk(choice(0, role="assistant", content="Hel"), cid=""),
+        chunk(choice(0, content="lo", finish_reason="stop"), cid=""),
+        "[DONE]",
+    ]
+    for text in (sse(*stream), jsonl(*stream)):
+        kafka = run_replay(tmp_path, text)
+        assert kafka.returncode == 0, kafka.stderr
+        done = [r for r in map(orjson.loads, kafka.stdout.splitlines()) if r["topic"] == "completion-done"]
+        assert [(r["key"], r["value"]["status"]) for r in done] == [("", "completed")]
+        assert done[0]["value"]["completion"]["choices"][0]["message"]["content"] == "Hello"
+        sdk = run_replay(tmp_path, text, "--format", "sdk")
+        assert sdk.returncode == 0, sdk.stderr
+        final = orjson.loads(sdk.stdout.splitlines()[-1])
+        assert final["completion"]["choices"][0]["message"]["content"] == "Hello"
+
+
+def test_an_sse_error_event_fails_the_completion_like_an_error_frame(tmp_path: Path) -> None:
+    text = sse(chunk(choice(0, role="assistant", content="Hi"))) + (
+        'event: error\ndata: {"message": "overloaded", "code": 529}\n\n'
+    )
+    kafka = run_replay(tmp_path, text)
+    assert kafka.returncode == 0, kafka.stderr
+    done = [r for r in map(orjson.loads, kafka.stdout.splitlines()) if r["topic"] == "completion-done"]
+    assert [(r["key"], r["value"]["status"]) for r in done] == [("chatcmpl-test", "failed")]
+    assert done[0]["value"]["error"]["message"] == "overloaded"
+    sdk = run_replay(tmp_path, text, "--format", "sdk")
+    assert orjson.loads(sdk.stdout.splitlines()[-1]) == {"type": "error", "error": "APIError"}
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

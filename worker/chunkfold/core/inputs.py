@@ -1,9 +1,13 @@
 """Reading captured streams: SSE text (``data:`` events) or JSON Lines, into framed records.
 
 SSE follows the WHATWG event-stream rules (CR, LF and CRLF line ends, ``:`` comments,
-multi-line ``data``, a BOM at the start) with one deliberate exception: a last event that the
-file ends without terminating is still delivered, because a capture cut after its final
-``data:`` line still carries that data (openai-python drops it).
+multi-line ``data``, a BOM at the start), including the end of input: an event is dispatched
+only by the blank line after it, so a last event the input ends without terminating is
+discarded, as the spec and openai-python do. Those bytes may be an event cut mid-write, and
+``--format sdk`` must give what the SDK gives; a missing final ``data: [DONE]`` costs nothing,
+since replay ends every open completion at the end of the input anyway.
+
+An ``event: error`` frame's data is an error payload, folded like ``{"error": ...}``.
 """
 
 from __future__ import annotations
@@ -44,15 +48,25 @@ def detect_format(text: str) -> str:
     return "jsonl"
 
 
-def iter_sse_data(text: str) -> Iterator[tuple[int, str]]:
-    """``(line number of the event's first data line, data)`` for every dispatched event."""
+@dataclass(frozen=True, slots=True)
+class SseEvent:
+    """A dispatched SSE event: ``line`` is its first ``data`` line, ``event`` its type field."""
+
+    line: int
+    data: str
+    event: str = ""
+
+
+def iter_sse_events(text: str) -> Iterator[SseEvent]:
+    """Every event a blank line dispatches; an event without ``data`` is none (the spec)."""
     data: list[str] = []
+    event = ""
     first_line = 0
     for number, line in enumerate(_LINE_END.split(text.lstrip("\ufeff")), start=1):
         if not line:
             if data:
-                yield first_line, "\n".join(data)
-            data = []
+                yield SseEvent(first_line, "\n".join(data), event)
+            data, event = [], ""
             continue
         if line.startswith(":"):
             continue
@@ -63,8 +77,8 @@ def iter_sse_data(text: str) -> Iterator[tuple[int, str]]:
             if not data:
                 first_line = number
             data.append(value)
-    if data:
-        yield first_line, "\n".join(data)
+        elif name == "event":
+            event = value
 
 
 def _payload_frame(line: int, raw: str) -> Frame:
@@ -86,8 +100,11 @@ def iter_frames(text: str) -> Iterator[Frame]:
     ``{"kind": "chunk|request|done|abort", "key": ..., "value": ..., "seq": ...}``.
     """
     if detect_format(text) == "sse":
-        for first_line, data in iter_sse_data(text):
-            yield _payload_frame(first_line, data)
+        for event in iter_sse_events(text):
+            if event.event == "error":
+                yield _error_event_frame(event)
+            else:
+                yield _payload_frame(event.line, event.data)
         return
     for number, raw in enumerate(_LINE_END.split(text.lstrip("\ufeff")), start=1):
         if not raw.strip():
@@ -96,6 +113,19 @@ def iter_frames(text: str) -> Iterator[Frame]:
         if frame.kind is RecordKind.CHUNK and "kind" in frame.payload and "choices" not in frame.payload:
             frame = _envelope(number, frame.payload)
         yield frame
+
+
+def _error_event_frame(event: SseEvent) -> Frame:
+    """The error frame an ``event: error`` event is: its data already shaped ``{"error": ...}``
+    is kept as it is (as the SDK reads it); any other JSON value, or text that is not JSON,
+    becomes the ``error`` of the frame (text as its ``message``)."""
+    try:
+        payload = codec.loads(event.data)
+    except codec.DecodeError:
+        payload = {"message": event.data}
+    if not (isinstance(payload, dict) and payload.get("error")):
+        payload = {"error": payload}
+    return Frame(event.line, RecordKind.CHUNK, payload)
 
 
 def _envelope(line: int, obj: dict[str, Any]) -> Frame:
@@ -121,9 +151,12 @@ def read_text(data: bytes, source: str) -> str:
 
 
 def frames_to_keys(frames: Iterable[Frame]) -> Iterator[tuple[str, Frame]]:
-    """Assign each frame its completion key: the envelope key, else the chunk's ``id``. A
-    ``[DONE]`` or a frame without id (an error frame, Azure's filter frames) belongs to the
-    completion of the previous frame, or of the next one when it comes first."""
+    """Assign each frame its completion key: the envelope key, else the chunk's ``id``.
+
+    A ``[DONE]`` or a frame without id (missing or ``""``: an error frame, Azure's filter
+    frames, Snowflake Cortex's every chunk) belongs to the completion of the previous frame, or
+    of the next one when it comes first. An input in which no frame names a completion is one
+    completion, keyed ``""``."""
     last_key: str | None = None
     waiting: list[Frame] = []
     for frame in frames:
@@ -140,9 +173,5 @@ def frames_to_keys(frames: Iterable[Frame]) -> Iterator[tuple[str, Frame]]:
         waiting.clear()
         last_key = key
         yield key, frame
-    if waiting:
-        first = waiting[0].line
-        if any(f.kind is RecordKind.CHUNK and not f.payload.get("error") for f in waiting):
-            raise InputError(f"line {first}: cannot tell which completion this record belongs to")
-        for early in waiting:
-            yield "", early
+    for early in waiting:
+        yield "", early
