@@ -11,6 +11,7 @@ from chunkfold.core import engine
 from chunkfold.core.inputs import InputError
 from chunkfold.core.records import InputRecord, InvalidRecord, RecordKind
 from chunkfold.replay import replay_kafka, replay_sdk
+from tests.folding import fold_all
 from tests.streams import CID, USAGE, choice, chunk, jsonl, structured_request, tool_delta, tools_request
 
 pytestmark = pytest.mark.unit
@@ -264,3 +265,62 @@ def test_replay_rejects_ambiguous_sdk_input() -> None:
     text = jsonl(chunk(choice(0, content="a"), cid="a"), chunk(choice(0, content="b"), cid="b"))
     with pytest.raises(InputError):
         list(replay_sdk(text, None))
+
+
+def _records(*payloads: dict[str, Any]) -> list[InputRecord]:
+    """Chunk records for ``payloads``, then the ``[DONE]`` record."""
+    return [*(InputRecord(RecordKind.CHUNK, p) for p in payloads), InputRecord(RecordKind.DONE)]
+
+
+def _fold_stable_across_state_round_trips(records: list[InputRecord]) -> dict[str, Any]:
+    """The done record; the published bytes are the same whether or not the state goes through
+    its bytes after every record."""
+    out, done, _ = fold_all(records)
+    assert fold_all(records, roundtrip=True)[0] == out
+    assert done is not None
+    return done
+
+
+def test_a_new_id_at_an_index_in_use_starts_a_new_call_at_the_next_free_index() -> None:
+    # Claude behind an OpenAI-compatible API: every call at index 0, told apart by id; the ids
+    # are repeated in every delta, which must not start a call.
+    def call(call_id: str, arguments: str, name: str | None = None) -> dict[str, Any]:
+        return {**tool_delta(0, arguments, id=call_id, name=name), "index": 0}
+
+    records = _records(
+        chunk(choice(0, role="assistant", content=None)),
+        chunk(choice(0, tool_calls=[call("tooluse_A", "", name="get_weather")])),
+        chunk(choice(0, tool_calls=[call("tooluse_A", '{"f":')])),
+        chunk(choice(0, tool_calls=[tool_delta(0, "1}")])),
+        chunk(choice(0, tool_calls=[call("tooluse_B", "", name="get_weather")])),
+        chunk(choice(0, tool_calls=[tool_delta(0, '{"f":2}')])),
+        chunk(choice(0, tool_calls=[call("tooluse_B", "")])),
+        chunk(choice(0, finish_reason="tool_calls")),
+    )
+    done = _fold_stable_across_state_round_trips(records)
+    calls = done["completion"]["choices"][0]["message"]["tool_calls"]
+    assert [(c["index"], c["id"], c["function"]["arguments"]) for c in calls] == [
+        (0, "tooluse_A", '{"f":1}'),
+        (1, "tooluse_B", '{"f":2}'),
+    ]
+    text = jsonl(*(r.payload for r in records[:-1]), "[DONE]")
+    events, _ = kafka(text)
+    deltas = [
+        (e["index"], e["arguments_delta"])
+        for e in events
+        if e["type"] == "tool_calls.function.arguments.delta" and e["arguments_delta"]
+    ]
+    assert deltas == [(0, '{"f":'), (0, "1}"), (1, '{"f":2}')]
+    assert [e["index"] for e in events if e["type"] == "tool_calls.function.arguments.done"] == [0, 1]
+
+
+def test_two_new_ids_at_one_index_in_one_chunk_are_two_calls() -> None:
+    first, second = tool_delta(0, '{"f":1}', id="tooluse_A", name="f"), tool_delta(0, "{}", id="tooluse_B")
+    done = _fold_stable_across_state_round_trips(
+        _records(chunk(choice(0, role="assistant", tool_calls=[first, second], finish_reason="tool_calls")))
+    )
+    calls = done["completion"]["choices"][0]["message"]["tool_calls"]
+    assert [(c["id"], c["function"]["arguments"]) for c in calls] == [
+        ("tooluse_A", '{"f":1}'),
+        ("tooluse_B", "{}"),
+    ]

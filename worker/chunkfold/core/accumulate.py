@@ -51,7 +51,7 @@ def fold_plain_chunk(
     if not delta or len(delta) != 1 or choice.get("finish_reason") or choice.get("logprobs") is not None:
         return False
     cs = state.choices.get(choice["index"])
-    if cs is None or cs.finish_reason:
+    if cs is None or cs.finish_reason or cs.wire_tools:  # moved tool calls: the general path
         return False
     text = delta.get("content")
     if type(text) is str:
@@ -115,47 +115,53 @@ def chunk_tail(state: CompletionState, chunk: dict[str, Any]) -> None:
 
 
 def resolve_tool_indexes(state: CompletionState, choice: dict[str, Any]) -> list[int]:
-    """The tool-call index of each tool-call delta of ``choice``, inferring missing ones.
+    """The tool-call index of each tool-call delta of ``choice``.
 
-    A delta without ``index`` continues the one open call, or starts a new call when it
-    carries an ``id`` none of the open calls has; anything else is ambiguous and rejected.
-    Nothing is mutated here, so a rejected chunk leaves the state as it was.
+    A delta with ``index`` continues the call at that index (or the call it was moved to),
+    unless it brings a non-empty ``id`` different from that call's: then it starts a new call
+    at the next free index, and later deltas at its ``index`` continue the new call (Claude
+    behind OpenAI-compatible APIs sends several calls at index 0). A delta without ``index``
+    continues the one open call, or starts a new call when it carries an ``id`` none of the
+    calls has; anything else is ambiguous and rejected. Nothing is mutated here, so a rejected
+    chunk leaves the state as it was (``accumulate_choice`` records the moves).
     """
     delta = choice.get("delta")
     calls = delta.get("tool_calls") if delta else None
     if not calls:
         return []
-    indexes = [call.get("index") for call in calls]
-    if None not in indexes:
-        return indexes
     existing = state.choices.get(choice["index"])
-    known = {i: t for i, t in existing.tools.items()} if existing else {}
-    open_calls = [i for i, t in known.items() if not t.done]
+    ids: dict[int, str | None] = {i: t.id for i, t in existing.tools.items()} if existing else {}
+    moved = dict(existing.wire_tools) if existing else {}
+    open_calls = [i for i, t in existing.tools.items() if not t.done] if existing else []
     current = existing.current_tool if existing else None
     out: list[int] = []
     for call in calls:
-        index = call.get("index")
-        if index is None:
-            call_id = call.get("id")
-            known_ids = {t.id: i for i, t in known.items() if t.id}
-            if call_id and call_id in known_ids:
-                index = known_ids[call_id]
-            elif call_id:
-                index = max([*known, *out, -1]) + 1
-            elif len(open_calls) == 1:
-                index = open_calls[0]
-            elif not open_calls and current is not None:
-                index = current
-            else:
-                raise InvalidRecord(
-                    "ambiguous_tool_call",
-                    f"tool-call delta without index while {len(open_calls)} calls are open",
-                )
-        if index not in known and index not in out:
+        wire = call.get("index")
+        call_id = call.get("id") or None
+        if wire is not None:
+            index = moved.get(wire, wire)
+            known_id = ids.get(index)
+            if call_id and known_id and _new_identity(known_id, call_id):
+                index = moved[wire] = max(ids) + 1
+        elif call_id:
+            index = next((i for i, known in ids.items() if known == call_id), max([*ids, -1]) + 1)
+        elif len(open_calls) == 1:
+            index = open_calls[0]
+        elif not open_calls and current is not None:
+            index = current
+        else:
+            raise InvalidRecord(
+                "ambiguous_tool_call",
+                f"tool-call delta without index while {len(open_calls)} calls are open",
+            )
+        if index not in ids:
+            ids[index] = None
             if current is not None and current in open_calls:
                 open_calls.remove(current)
             open_calls.append(index)
             current = index
+        if call_id:
+            ids[index] = _merge_identity(ids[index], call_id)
         out.append(index)
     return out
 
@@ -210,6 +216,9 @@ def accumulate_choice(
     touched: list[tuple[ToolCallState, str]] = []
     if tool_indexes:
         for call, tool_index in zip(delta["tool_calls"], tool_indexes, strict=True):
+            wire = call.get("index")
+            if wire is not None and wire != tool_index:
+                cs.wire_tools[wire] = tool_index
             touched.append(_accumulate_tool_call(cs, call, tool_index))
         got_token = got_token or any(args for _, args in touched)
     if got_token and state.first_token_ms is None:
@@ -267,6 +276,11 @@ def _accumulate_tool_call(
             _accumulate_value(tool.extra, key, value)
     function = call.get("function")
     return tool, (function.get("arguments") or "") if function else ""
+
+
+def _new_identity(old: str, new: str) -> bool:
+    """``new`` names another call than ``old``: neither a repeat nor a cumulative resend."""
+    return not (new == old or new.startswith(old) or old.endswith(new))
 
 
 def _merge_identity(old: str | None, new: str) -> str:

@@ -116,6 +116,9 @@ class ChoiceState:
     text: dict[str, bytearray | None] = field(default_factory=dict)
     message_extra: dict[str, Any] = field(default_factory=dict)
     tools: dict[int, ToolCallState] = field(default_factory=dict)
+    # provider's tool-call index -> the call it now continues, only where they differ: a new id
+    # at an index whose call has another id starts a new call at the next free index
+    wire_tools: dict[int, int] = field(default_factory=dict)
     current_tool: int | None = None
     logprobs_seen: bool = False
     logprobs_content: bytearray | None = None
@@ -262,7 +265,7 @@ def state_to_dict(state: AnyState, buffers: BufferCodec = FULL, *, compact: bool
 
 def _choice_to_dict(c: ChoiceState, buffers: BufferCodec, compact: bool) -> dict[str, Any]:
     i = c.index
-    return {
+    data = {
         "index": i,
         "extra": c.choice_extra,
         "finish_reason": c.finish_reason,
@@ -300,6 +303,9 @@ def _choice_to_dict(c: ChoiceState, buffers: BufferCodec, compact: bool) -> dict
         ],
         "parsed_partial": None if compact else c.parsed_partial,
     }
+    if c.wire_tools:  # absent otherwise: states without remapped calls keep their bytes
+        data["wire_tools"] = [[wire, index] for wire, index in c.wire_tools.items()]
+    return data
 
 
 class StateVersionError(ValueError):
@@ -366,6 +372,7 @@ def state_from_dict(
             message_extra=raw["message_extra"],
             current_tool=raw["current_tool"],
             parsed_partial=raw["parsed_partial"],
+            wire_tools={wire: index for wire, index in raw.get("wire_tools", ())},
         )
         for index, id_, type_, name, args, extra, fextra, done, partial, seen in raw["tools"]:
             arguments = buffers.load(f"{i}:a:{index}", args) or bytearray()
