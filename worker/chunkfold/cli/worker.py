@@ -47,10 +47,10 @@ def register(subcommands: options.Subcommands) -> None:
     p.set_defaults(func=run_worker)
 
 
-async def _prepare_topics(settings: Settings) -> dict[str, int]:
-    """Create missing topics (the outputs with a deliberate ``max.message.bytes``) and return
-    the largest record each output topic accepts."""
-    from chunkfold.kafka_io import ensure_topics, record_limits
+async def _prepare_topics(settings: Settings) -> None:
+    """Create missing topics (the outputs with a deliberate ``max.message.bytes``); each driver
+    then reads the limits of the topics it writes (the direct driver its changelog's too)."""
+    from chunkfold.kafka_io import ensure_topics
 
     s = settings
     outputs = (s.events_topic, s.done_topic, s.deadletter_topic)
@@ -62,7 +62,6 @@ async def _prepare_topics(settings: Settings) -> dict[str, int]:
         s.replication_factor,
         configs={"max.message.bytes": str(s.max_message_bytes)},
     )
-    return await record_limits(s.bootstrap_servers, outputs, s.max_message_bytes)
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -89,13 +88,16 @@ def run_worker(args: argparse.Namespace) -> int:
             return 2
     config = logging_config(args.loglevel, args.log_format)
     logging.config.dictConfig(config)
-    limits = asyncio.run(_prepare_topics(settings))
+    asyncio.run(_prepare_topics(settings))
     if settings.driver == "direct":
         from chunkfold.drivers import direct
 
         return direct.run(settings)
+    from chunkfold.kafka_io import record_limits
+
     app, processor = create_app(settings)
-    processor.limits.update(limits)
+    cap = settings.max_message_bytes
+    processor.limits.update(asyncio.run(record_limits(settings.bootstrap_servers, processor.limits, cap)))
     from faust.worker import Worker
 
     worker = Worker(app, loglevel=args.loglevel, quiet=True, logging_config=config)
