@@ -250,19 +250,28 @@ def wait_group_stable(
 
 
 def feed(
-    processor: Any, records: list[GatewayRecord], start: int = 0, *, base_ms: int | None = None
+    processor: Any,
+    records: list[GatewayRecord],
+    start: int = 0,
+    *,
+    base_ms: int | None = None,
+    timestamps: list[int] | None = None,
 ) -> Iterator[list[Any]]:
     """Hand ``records`` to a ``Processor`` as partition 0 at offsets ``start``, ``start + 1`` ...
-    (each record's handle is its offset; its timestamp ``base_ms`` + offset when ``base_ms`` is
-    given); yields each record's outputs."""
-    for offset, r in enumerate(records, start=start):
+    (each record's handle is its offset; its timestamp ``timestamps[i]`` when given, else
+    ``base_ms`` + offset when that is given); yields each record's outputs."""
+    for i, (offset, r) in enumerate(enumerate(records, start=start)):
+        if timestamps is not None:
+            timestamp_ms: int | None = timestamps[i]
+        else:
+            timestamp_ms = None if base_ms is None else base_ms + offset
         outputs, _ = processor.process(
             partition=0,
             offset=offset,
             key=r.key,
             value=r.value,
             headers=r.headers,
-            timestamp_ms=None if base_ms is None else base_ms + offset,
+            timestamp_ms=timestamp_ms,
             handle=offset,
         )
         yield outputs
@@ -277,19 +286,24 @@ def offline_reference(
 
 
 def offline_run(
-    records: list[GatewayRecord], settings: Settings | None = None
+    records: list[GatewayRecord],
+    settings: Settings | None = None,
+    *,
+    timestamps: list[int] | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    """``offline_reference`` plus the dead letters."""
+    """``offline_reference`` plus the dead letters; records stamped with ``timestamps`` when
+    given, the processor reading ``clock``."""
     from chunkfold.processor import Processor
     from chunkfold.state.memory import MemoryStore
 
     settings = settings or Settings()
-    processor = Processor(settings, MemoryStore())
+    processor = Processor(settings, MemoryStore(), clock=clock)
     processor.assign([0])
     events: dict[str, list[dict[str, Any]]] = {}
     done: dict[str, dict[str, Any]] = {}
     deadletters: list[dict[str, Any]] = []
-    for outputs in feed(processor, records):
+    for outputs in feed(processor, records, timestamps=timestamps):
         for o in outputs:
             value = orjson.loads(o.value)
             if o.topic == settings.events_topic:

@@ -24,8 +24,6 @@ from chunkfold.core import fit
 from chunkfold.core.records import KIND_HEADER, SEQ_HEADER
 from chunkfold.gateway import GatewayRecord
 from chunkfold.kafka_io import ensure_topics, make_producer
-from chunkfold.processor import Processor
-from chunkfold.state.memory import MemoryStore
 from tests.fault.test_faults import SHAPES, write_report
 from tests.harness import (
     TIMING_FREE,
@@ -33,6 +31,7 @@ from tests.harness import (
     collect,
     fresh_settings,
     offline_reference,
+    offline_run,
     recorded_records,
     start_workers,
 )
@@ -172,30 +171,13 @@ def offline(
 ) -> tuple[dict[str, Any], dict[str, list[Any]], Counter[Any]]:
     """What the engine alone gives for the same records and timestamps (one partition, no
     faults): done records and events per completion, and the dead letters."""
-    processor = Processor(settings, MemoryStore(), clock=lambda: stamped[0][1] / 1000)
-    processor.assign([0])
-    done: dict[str, Any] = {}
-    events: dict[str, list[Any]] = {}
-    dead: Counter[Any] = Counter()
-    for offset, (r, ts) in enumerate(stamped):
-        outputs, _ = processor.process(
-            partition=0,
-            offset=offset,
-            key=r.key,
-            value=r.value,
-            headers=r.headers,
-            timestamp_ms=ts,
-            handle=None,
-        )
-        for o in outputs:
-            value = orjson.loads(o.value)
-            if o.topic == settings.done_topic:
-                done[o.key.decode()] = value
-            elif o.topic == settings.events_topic:
-                events.setdefault(o.key.decode(), []).append(value)
-            else:
-                dead[_dead_identity(value)] += 1
-    return done, events, dead
+    events, done, dead = offline_run(
+        [r for r, _ in stamped],
+        settings,
+        timestamps=[ts for _, ts in stamped],
+        clock=lambda: stamped[0][1] / 1000,
+    )
+    return done, events, Counter(_dead_identity(letter) for letter in dead)
 
 
 def _dead_identity(letter: dict[str, Any]) -> tuple[Any, ...]:
