@@ -149,14 +149,7 @@ def fail(state: CompletionState, error_type: str, message: str, now_ms: int | No
         _close(state, Status.FAILED, now_ms, result)
     except Exception:  # the state is what broke: report the failure without its completion
         result.done = _done_record(state, Status.FAILED, error, None)
-        result.state = ClosedCompletion(
-            state.completion_id,
-            Status.FAILED,
-            state.last_offset,
-            state.next_seq,
-            now_ms,
-            state.last_activity_ms,
-        )
+        result.state = _tombstone(state, Status.FAILED, now_ms)
     return result
 
 
@@ -286,7 +279,12 @@ def _close(
     if error is None and state.spec.schema_problem is not None:
         error = {"type": "SchemaError", "message": state.spec.schema_problem}
     result.done = _done_record(state, status, error, completion)
-    result.state = ClosedCompletion(
+    result.state = _tombstone(state, status, now_ms)
+
+
+def _tombstone(state: CompletionState, status: str, now_ms: int | None) -> ClosedCompletion:
+    """What a finished completion leaves: enough to recognise its late and replayed records."""
+    return ClosedCompletion(
         state.completion_id, status, state.last_offset, state.next_seq, now_ms, state.last_activity_ms
     )
 
