@@ -50,32 +50,35 @@ def value_budget(limit: int, key: bytes) -> int:
 def fit(value: dict[str, Any], budget: int) -> bytes:
     """``value`` as JSON bytes of at most ``budget`` bytes (see the module docstring). Raises
     ``ValueError`` only when even its ``ESSENTIAL_KEYS`` exceed the budget."""
-    data = codec.dumps(value)
-    if len(data) <= budget:
-        return data
+    original = codec.dumps(value)
+    if len(original) <= budget:
+        return original
     plain = codec.plain(value)
     cuts: dict[str, dict[str, Any]] = {}
     for min_cut in MIN_CUT_BYTES:
         for _ in range(4):
-            plain["truncated"] = list(cuts.values())
-            data = codec.dumps(plain)
-            excess = len(data) - budget
-            if excess <= 0:
+            data = _with_cuts(plain, cuts)
+            if len(data) <= budget:
                 return data
-            removed = _shrink_members(plain, "", excess, min_cut, cuts, skip=("truncated", *ESSENTIAL_KEYS))
-            if removed == 0:
+            skip = ("truncated", *ESSENTIAL_KEYS)
+            if _shrink_members(plain, "", len(data) - budget, min_cut, cuts, skip=skip) == 0:
                 break
-    plain["truncated"] = list(cuts.values())
-    data = codec.dumps(plain)
+    data = _with_cuts(plain, cuts)
     if len(data) <= budget:
         return data
     whole: dict[str, dict[str, Any]] = {}
-    _record(whole, "", codec.dumps(value), 0)
+    _record(whole, "", original, 0)
     essentials = {k: plain[k] for k in ESSENTIAL_KEYS if k in plain}
-    data = codec.dumps({**essentials, "truncated": list(whole.values())})
+    data = _with_cuts(essentials, whole)
     if len(data) > budget:
         raise ValueError(f"the essential fields of a value take {len(data)} bytes, budget {budget}")
     return data
+
+
+def _with_cuts(value: dict[str, Any], cuts: dict[str, dict[str, Any]]) -> bytes:
+    """``value`` with its ``truncated`` list, as JSON bytes."""
+    value["truncated"] = list(cuts.values())
+    return codec.dumps(value)
 
 
 def _size(node: Any) -> int:
