@@ -9,7 +9,11 @@ and on its function), legacy ``function_call``, ``audio`` (id, data, transcript,
 annotations (appended and merged by index), logprobs (content and refusal), unknown fields on
 the chunk, the choice and the delta (strings, numbers, objects), n > 1 choices (one or several
 per chunk), usage (mid-stream and in a final usage chunk), moderation, every finish reason and
-gateway retries (a record published twice with the same seq).
+gateway retries (a record published twice with the same seq). And what providers send beyond
+OpenAI: content as typed parts (text, thinking, unknown), identity fields repeated in every
+delta (``channel``, indexed ``reasoning_details`` entries with ``format``), empty refusal
+deltas, chunk ids other than the key, filter frames without choice data, a last frame of
+another ``object`` and an error frame with usage followed by ``[DONE]``.
 
 The same seed always gives the same bytes, so a broker-level test can publish exactly the
 streams an engine-level test checked (``gateway_records``).
@@ -62,6 +66,9 @@ def all_shapes_stream(seed: int | random.Random, completion_id: str) -> list[Sha
     if request is not None:
         out.append(("request", codec.dumps(request)))
     out += [("chunk", codec.dumps(chunk)) for chunk in chunks]
+    if rng.random() < 0.05:  # OpenRouter: an error frame with usage, then [DONE]
+        error = {"id": completion_id, "error": {"code": 502, "message": "gone"}, "usage": _usage(rng)}
+        out.append(("chunk", codec.dumps(error)))
     if rng.random() < 0.9:
         out.append(("done", b"[DONE]"))
     else:
@@ -109,7 +116,7 @@ def _tool(name: str, schema: dict[str, Any], *, strict: bool) -> dict[str, Any]:
 def _choice_pieces(rng: random.Random, index: int, structured: bool, completion_id: str) -> list[Piece]:
     """The deltas of one choice in order: a role delta, reasoning, then every other field's
     deltas merged at random (each field's own deltas keep their order), then a finish."""
-    first: Delta = {"role": "assistant", "content": rng.choice(["", None]), "refusal": None}
+    first: Delta = {"role": "assistant", "content": rng.choice(["", None]), "refusal": rng.choice([None, ""])}
     if rng.random() < 0.3:
         first["x_delta"] = "x"
     pieces: list[Piece] = [Piece(first)]
@@ -140,6 +147,8 @@ def _choice_pieces(rng: random.Random, index: int, structured: bool, completion_
         fields.append(_annotation_pieces(rng))
     if rng.random() < 0.4:
         fields.append(_extra_pieces(rng))
+    if rng.random() < 0.15:
+        fields.append(_content_part_pieces(rng))
     pieces += _merge(rng, fields)
     finish = rng.choice(FINISH_REASONS)
     if finish is not None:
@@ -207,14 +216,28 @@ def _annotation_pieces(rng: random.Random) -> list[Piece]:
     return pieces
 
 
+def _content_part_pieces(rng: random.Random) -> list[Piece]:
+    """``delta.content`` as typed parts: thinking (nested text parts or a string), text, unknown."""
+    options: list[Delta] = [
+        {"content": [{"type": "thinking", "thinking": [{"type": "text", "text": _text(rng)}]}]},
+        {"content": [{"type": "thinking", "thinking": "th"}]},
+        {"content": [{"type": "text", "text": _text(rng)}]},
+        {"content": [{"type": "reference", "reference_ids": [1]}, {"type": "text", "text": "t"}]},
+    ]
+    return [Piece(rng.choice(options)) for _ in range(rng.randint(1, 4))]
+
+
 def _extra_pieces(rng: random.Random) -> list[Piece]:
-    """Unknown delta fields: strings concatenate, numbers add up, objects merge."""
+    """Unknown delta fields: strings concatenate, numbers add up, objects merge; identity
+    fields and whole repeats are kept once."""
     options: list[Delta] = [
         {"x_delta": "ab"},
         {"x_count": 1},
         {"x_count": 2.5},
         {"x_count": 0.0},  # after 1: 1.0, equal to 1 but not the same bytes
         {"x_obj": {"k": "v", "n": 1}},
+        {"channel": rng.choice(["analysis", "final"])},
+        {"reasoning_details": [{"type": "reasoning.text", "text": "r", "index": 0, "format": "f"}]},
     ]
     return [Piece(rng.choice(options)) for _ in range(rng.randint(1, 4))]
 
@@ -242,6 +265,7 @@ def _chunks(rng: random.Random, completion_id: str, pieces: dict[int, list[Piece
     created = 1_727_346_169
     fingerprint: str | None = "fp_a"
     chunks: list[dict[str, Any]] = []
+    other_ids = rng.random() < 0.1  # a provider that changes the id on every chunk
     while any(cursors[i] < len(p) for i, p in pieces.items()):
         open_choices = [i for i, p in pieces.items() if cursors[i] < len(p)]
         taken = rng.sample(open_choices, rng.randint(1, len(open_choices)) if rng.random() < 0.3 else 1)
@@ -254,7 +278,7 @@ def _chunks(rng: random.Random, completion_id: str, pieces: dict[int, list[Piece
         if rng.random() < 0.1:
             fingerprint = rng.choice([None, "fp_b"])
         chunk: dict[str, Any] = {
-            "id": completion_id,
+            "id": f"{completion_id}~{len(chunks)}" if other_ids and chunks else completion_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": "gpt-4o-2024-08-06",
@@ -270,6 +294,10 @@ def _chunks(rng: random.Random, completion_id: str, pieces: dict[int, list[Piece
         if rng.random() < 0.05:
             chunk["moderation"] = {"flagged": rng.random() < 0.5}
         chunks.append(chunk)
+        if rng.random() < 0.03:  # Azure's content-filter frame: skipped
+            chunks.append({"id": "", "object": "", "choices": [{"index": 0, "content_filter_results": {}}]})
+    if rng.random() < 0.1:
+        chunks[-1]["object"] = "chat.completion.done"  # Perplexity: folded like a chunk
     if rng.random() < 0.6:
         chunks.append(
             {

@@ -6,9 +6,9 @@ the JSON values the worker folds; the worker dead-letters the others as ``wrong_
 ``not_an_object``). Only the fields the worker reads are typed; every other field, at any
 level, is allowed and carried through untouched. Integer fields are JSON integers (``1``, not
 ``1.0``; JSON Schema cannot tell the two apart, the models and the worker do), and a value is
-at most ``CHUNKFOLD_MAX_RECORD_BYTES`` (1 MiB by default). A chunk whose ``id`` is non-empty
-must have the record key as its ``id`` (else ``key_mismatch``), which a schema of the value
-alone cannot say.
+at most ``CHUNKFOLD_MAX_RECORD_BYTES`` (1 MiB by default). A chunk whose ``id`` is neither
+empty nor the record key is folded into the key's completion all the same and counted
+(``anomalies.id_mismatches``): the key is the gateway's completion id.
 """
 
 from __future__ import annotations
@@ -47,9 +47,40 @@ class ChunkToolCall(_Lenient):
     function: ChunkFunction | None = None
 
 
+class TextPart(_Lenient):
+    """A content part of type ``text``: its text is content."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ThinkingPart(_Lenient):
+    """A content part of type ``thinking`` (Mistral Magistral): its text is reasoning."""
+
+    type: Literal["thinking"]
+    thinking: str | list[ContentPart]
+
+
+class OtherPart(_Lenient):
+    """A content part of any other type: kept in the message's ``content_parts``, counted in
+    ``anomalies.unknown_content_parts``."""
+
+    type: Annotated[
+        Any,
+        AfterValidator(lambda value: _not_one_of(value, ("text", "thinking"))),
+        Field(json_schema_extra={"not": {"enum": ["text", "thinking"]}}),
+    ] = None
+
+
+ContentPart = Annotated[TextPart | ThinkingPart | OtherPart, Field(union_mode="left_to_right")]
+ThinkingPart.model_rebuild()
+
+
 class ChunkDelta(_Lenient):
     role: str | None = None
-    content: str | None = None
+    content: str | list[ContentPart] | None = Field(
+        default=None, description="text, or a list of typed content parts (text, thinking, other)"
+    )
     refusal: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
@@ -73,10 +104,15 @@ class ChunkChoice(_Lenient):
 
 
 class ChatCompletionChunk(_Lenient):
-    """One ``chat.completion.chunk``. Every field may be null or absent."""
+    """One ``chat.completion.chunk``, or a frame of another ``object`` that carries choices or
+    usage (Perplexity's last frame is a ``chat.completion.done``). Every field may be null or
+    absent."""
 
-    id: str | None = Field(default=None, description="the completion id; may be empty (Azure filter frames)")
-    object: Literal["chat.completion.chunk"] | None = None
+    id: str | None = Field(
+        default=None,
+        description="the completion id; may be empty (Azure filter frames) or differ from the key",
+    )
+    object: str | None = None
     created: int | None = None
     model: str | None = None
     system_fingerprint: str | None = None
@@ -100,6 +136,45 @@ def _not_a_chunk(value: str) -> str:
     return value
 
 
+def _not_one_of(value: Any, kinds: tuple[str, ...]) -> Any:
+    if value in kinds:
+        raise ValueError(f"a part of type {value!r} has its own shape")
+    return value
+
+
+def _no_choice_data(value: Any) -> Any:
+    if isinstance(value, list) and any(
+        isinstance(c, dict) and (c.get("delta") or c.get("finish_reason") or c.get("logprobs") is not None)
+        for c in value
+    ):
+        raise ValueError("a frame with choice data (delta, finish_reason or logprobs) is folded as a chunk")
+    return value
+
+
+_FALSY_SCHEMA = {"enum": list(_FALSY)}
+_NO_CHOICE_DATA_SCHEMA = {
+    "anyOf": [
+        {"not": {"type": "array"}},
+        {
+            "type": "array",
+            "items": {
+                "anyOf": [
+                    {"not": {"type": "object"}},
+                    {
+                        "type": "object",
+                        "properties": {
+                            "delta": _FALSY_SCHEMA,
+                            "finish_reason": _FALSY_SCHEMA,
+                            "logprobs": {"type": "null"},
+                        },
+                    },
+                ]
+            },
+        },
+    ]
+}
+
+
 class ErrorFrame(_Lenient):
     """``data: {"error": ...}`` mid-stream: ends the completion with status ``failed``
     (``APIError``). Its other fields are not checked."""
@@ -115,14 +190,24 @@ class ErrorFrame(_Lenient):
 
 
 class NonChunkFrame(_Lenient):
-    """A frame whose ``object`` is not ``chat.completion.chunk`` (an Azure content-filter frame
-    has ``object: ""``): counted in ``anomalies.skipped_frames``, otherwise ignored."""
+    """A frame whose ``object`` is not ``chat.completion.chunk`` and that carries no choice
+    data and no usage (an Azure content-filter frame: ``object: ""``, choices with filter
+    results only): counted in ``anomalies.skipped_frames``, otherwise ignored."""
 
     object: Annotated[
         str,
         AfterValidator(_not_a_chunk),
         Field(json_schema_extra={"not": {"const": CHUNK_OBJECT}}),
     ]
+    choices: Annotated[
+        Any,
+        AfterValidator(_no_choice_data),
+        Field(
+            description="no choice with a delta, finish_reason or logprobs (filter results only)",
+            json_schema_extra=_NO_CHOICE_DATA_SCHEMA,
+        ),
+    ] = None
+    usage: None = None
 
 
 # In the worker's order: an error frame first, then another frame, else a chunk.

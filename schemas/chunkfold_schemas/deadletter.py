@@ -23,7 +23,7 @@ class Header(BaseModel):
 
 
 class DeadLetter(BaseModel):
-    """``reason`` is a short code (``invalid_json``, ``wrong_type``, ``key_mismatch``,
+    """``reason`` is a short code (``invalid_json``, ``wrong_type``, ``missing_key``,
     ``after_end``, ...); ``detail`` a one-line explanation. The original key, value and headers
     are kept byte for byte (base64), the value also as text when it is UTF-8; a dead letter that
     would not fit its topic keeps a prefix of them (``truncated`` says which), and

@@ -31,6 +31,11 @@ class ErrorInfo(BaseModel):
         "SchemaError (status unchanged): a request schema was invalid and its output not validated"
     )
     message: str
+    body: Any = Field(
+        None,
+        description="APIError: the provider's error object as it sent it (code, param, Groq's "
+        "failed_generation, ...), as openai-python's APIError.body",
+    )
 
 
 class Timing(BaseModel):
@@ -52,9 +57,19 @@ class Anomalies(BaseModel):
     duplicates_dropped: int = Field(description="records whose chunkfold.seq had been seen already")
     seq_gaps: int = Field(description="times chunkfold.seq jumped forward")
     missing_records: int = Field(description="records skipped over by those jumps")
-    skipped_frames: int = Field(description="non-chunk frames (object other than chat.completion.chunk)")
+    skipped_frames: int = Field(
+        description="frames skipped: an object other than chat.completion.chunk, without choices or usage"
+    )
     seq_invalid: int = Field(
         description="chunkfold.seq headers ignored: jumps too far ahead to be records lost in between"
+    )
+    id_mismatches: int = Field(
+        0, description="chunks whose id was neither empty nor the completion id (folded in all the same)"
+    )
+    unknown_content_parts: int = Field(
+        0,
+        description="delta.content parts of a type other than text and thinking "
+        "(kept in the message's content_parts)",
     )
 
 
@@ -75,6 +90,10 @@ class DoneRecord(BaseModel):
     chunk_count: int
     event_count: int
     anomalies: Anomalies
+    other_chunk_ids: list[str] = Field(
+        default_factory=list,
+        description="the first 8 distinct chunk ids other than completion_id, in order of arrival",
+    )
     truncated: list[Truncation] | None = Field(None, description=TRUNCATED_DESCRIPTION)
 
 

@@ -511,6 +511,8 @@ def captures(draw: st.DrawFn) -> Capture:
         frames.append(chunk([]) | {"usage": draw(_usage())})
     elif usage_mode == "last_chunk":
         frames[-1]["usage"] = draw(_usage())
+    if _sometimes(draw, 8):  # Perplexity: the last frame is a "chat.completion.done"
+        frames[-1]["object"] = "chat.completion.done"
     for _ in range(draw(_pick([(0, 6), (1, 1), (2, 1)]))):
         frames.insert(
             draw(st.integers(1, len(frames))), _async_filter_frame(draw(st.integers(0, request.n - 1)))
@@ -588,9 +590,9 @@ def sdk_replay(
                 data = json.loads(frame)
                 if data.get("error"):
                     return [*lines, {"type": "error", "error": "APIError"}]
-                chunk = cast(ChatCompletionChunk, construct_type(type_=ChatCompletionChunk, value=data))
-                if chunk.object != CHUNK_OBJECT:
+                if _filter_frame(data):
                     continue
+                chunk = cast(ChatCompletionChunk, construct_type(type_=ChatCompletionChunk, value=data))
                 lines.extend(
                     e.model_dump(mode="json") for e in state.handle_chunk(chunk) if e.type != "chunk"
                 )
@@ -600,6 +602,19 @@ def sdk_replay(
                 raise SdkCrash(type(exc).__name__) from exc
             return [*lines, {"type": "error", "error": type(exc).__name__}]
     return [*lines, {"type": "completion", "completion": completion}]
+
+
+def _filter_frame(data: Json) -> bool:
+    """A frame a client must drop before the SDK sees it (Azure's filter frames: the SDK would
+    take its snapshot from a first one, ``id: ""``): another ``object`` than a chunk's, and no
+    choice with a delta, finish reason or logprobs, and no usage. Perplexity's last frame
+    (``object: "chat.completion.done"``) holds the finish reason: the SDK folds it."""
+    if data.get("object") in (None, CHUNK_OBJECT) or data.get("usage") is not None:
+        return False
+    return not any(
+        c.get("delta") or c.get("finish_reason") or c.get("logprobs") is not None
+        for c in data.get("choices") or ()
+    )
 
 
 def assert_same(got: list[Json], expected: list[Json]) -> None:

@@ -76,7 +76,12 @@ def _bad_records(rng: random.Random, good: list[GatewayRecord]) -> Bad:
                 ),
                 "missing_key",
             ),
-            (GatewayRecord(key, orjson.dumps({"id": "someone-else", "choices": []}), []), "key_mismatch"),
+            (
+                GatewayRecord(
+                    key, orjson.dumps({"id": "x", "choices": [{"index": 0, "delta": {"content": [7]}}]}), []
+                ),
+                "wrong_type",
+            ),
             (
                 GatewayRecord(shared, b"{}", [(KIND_HEADER, rng.choice([b"mystery", b"DONE", b"\xff"]))]),
                 "unknown_kind",

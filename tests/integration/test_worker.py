@@ -97,7 +97,12 @@ BAD_VALUES: list[tuple[str, bytes, list[tuple[str, bytes]], str]] = [
     ("bad-array", b"[1, 2, 3]", [], "not_an_object"),
     ("bad-type", orjson.dumps({"id": "bad-type", "choices": [{"index": "zero"}]}), [], "wrong_type"),
     ("bad-kind", b"{}", [("chunkfold.kind", b"mystery")], "unknown_kind"),
-    ("bad-mismatch", orjson.dumps({"id": "someone-else", "choices": []}), [], "key_mismatch"),
+    (
+        "bad-parts",
+        orjson.dumps({"id": "bad-parts", "choices": [{"index": 0, "delta": {"content": [7]}}]}),
+        [],
+        "wrong_type",
+    ),
     ("bad-utf8", b'{"id": "\xff\xfe"}', [], "invalid_json"),
     ("bad-seq", orjson.dumps({"id": "bad-seq", "choices": []}), [("chunkfold.seq", b"x1")], "invalid_seq"),
     ("bad-done", b"[DONE]", [], "unknown_completion"),

@@ -8,8 +8,9 @@ import pytest
 
 from chunkfold.config import Settings
 from chunkfold.core import engine
+from chunkfold.core.codec import dumps as codec_dumps
 from chunkfold.core.inputs import InputError
-from chunkfold.core.records import InputRecord, InvalidRecord, RecordKind
+from chunkfold.core.records import InputRecord, InvalidRecord, RecordKind, make_record
 from chunkfold.replay import replay_kafka, replay_sdk
 from tests.folding import fold_all
 from tests.streams import CID, USAGE, choice, chunk, jsonl, structured_request, tool_delta, tools_request
@@ -155,7 +156,11 @@ def test_error_payload_mid_stream_is_an_api_error() -> None:
     done = [r["value"] for r in out if r["topic"] == "completion-done"]
     assert len(done) == 1
     assert done[0]["status"] == "failed"
-    assert done[0]["error"] == {"type": "APIError", "message": "upstream overloaded"}
+    assert done[0]["error"] == {
+        "type": "APIError",
+        "message": "upstream overloaded",
+        "body": {"message": "upstream overloaded", "type": "server_error"},
+    }
     assert done[0]["completion"]["choices"][0]["message"]["content"] == "Hel"
 
 
@@ -324,3 +329,38 @@ def test_two_new_ids_at_one_index_in_one_chunk_are_two_calls() -> None:
         ("tooluse_A", '{"f":1}'),
         ("tooluse_B", "{}"),
     ]
+
+
+def test_one_done_after_an_error_frame_is_taken_quietly_and_survives_a_restore() -> None:
+    records = [
+        InputRecord(RecordKind.CHUNK, chunk(choice(0, role="assistant", content="Hi"))),
+        InputRecord(RecordKind.CHUNK, {"id": CID, "error": {"message": "gone", "code": 502}, "usage": USAGE}),
+        InputRecord(RecordKind.DONE),
+    ]
+    for roundtrip in (False, True):
+        out, done, state = fold_all(records, roundtrip=roundtrip)
+        assert done is not None and done["status"] == "failed"
+        assert done["error"]["body"] == {"message": "gone", "code": 502}
+        assert done["usage"]["total_tokens"] == USAGE["total_tokens"] and done["usage_reported"] is True
+        assert out[-1] == codec_dumps(done)  # the [DONE] published nothing
+        with pytest.raises(InvalidRecord, match="after_end"):
+            engine.fold(state, CID, InputRecord(RecordKind.DONE, offset=9))
+
+
+def test_a_chunk_id_other_than_the_key_is_folded_and_counted_with_a_bounded_list() -> None:
+    records = [InputRecord(RecordKind.CHUNK, chunk(choice(0, role="assistant", content="")))]
+    records += [
+        InputRecord(RecordKind.CHUNK, chunk(choice(0, content="x"), cid=f"other-{n}")) for n in range(12)
+    ]
+    records += [InputRecord(RecordKind.CHUNK, chunk(choice(0, content="y"), cid="other-0"))]
+    _, done, _ = fold_all([*records, InputRecord(RecordKind.DONE)], roundtrip=True)
+    assert done is not None
+    assert done["completion"]["choices"][0]["message"]["content"] == "x" * 12 + "y"
+    assert done["anomalies"]["id_mismatches"] == 13
+    assert done["other_chunk_ids"] == [f"other-{n}" for n in range(8)]
+
+
+def test_malformed_content_parts_are_wrong_type() -> None:
+    for parts in ([7], [{"type": "text", "text": 7}], [{"type": "thinking", "thinking": 7}]):
+        with pytest.raises(InvalidRecord, match="wrong_type"):
+            make_record(CID, RecordKind.CHUNK, chunk(choice(0, content=parts)))

@@ -48,6 +48,8 @@ def test_one_huge_seq_is_ignored_and_the_stream_folds_on() -> None:
         "missing_records": 1,
         "skipped_frames": 0,
         "seq_invalid": 1,
+        "id_mismatches": 0,
+        "unknown_content_parts": 0,
     }
     assert fold_finished(text_records([0, 999_999_999_999_999_999, 2, 3, 4]), roundtrip=True)[0] == out
 
@@ -68,6 +70,8 @@ def test_redeliveries_are_still_dropped_after_an_ignored_header() -> None:
         "missing_records": 0,
         "skipped_frames": 0,
         "seq_invalid": 1,
+        "id_mismatches": 0,
+        "unknown_content_parts": 0,
     }
 
 

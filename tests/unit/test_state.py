@@ -77,6 +77,8 @@ def test_replayed_records_are_skipped_and_seq_duplicates_counted() -> None:
         "missing_records": 1,
         "skipped_frames": 0,
         "seq_invalid": 0,
+        "id_mismatches": 0,
+        "unknown_content_parts": 0,
     }
 
 

@@ -22,6 +22,20 @@ if TYPE_CHECKING:
 
 _TEXT_KEYS = frozenset({*TEXT_FIELDS, *REASONING_FIELDS})
 _SKIP_CHOICE_KEYS = frozenset({"index", "delta", "finish_reason", "logprobs"})
+IDENTITY_FIELDS = frozenset({"channel", "recipient", "cot_id", "name", "id", "format"})
+"""Provider fields, at any depth, that name what the text belongs to rather than add to it:
+providers repeat them in every delta (Groq's gpt-oss sends ``channel: "analysis"`` with each
+token, OpenRouter ``format`` in every ``reasoning_details`` entry). The last non-null value is
+kept, never a concatenation (``role``, tool-call ``id`` and ``name`` have their own rule,
+``_merge_identity``; ``index`` and ``type`` are replaced as openai-python does)."""
+SDK_ACCUMULATED_FIELDS = frozenset({"audio", "function_call"})
+"""Delta fields of the OpenAI API without a buffer here: accumulated exactly as openai-python
+does, nested strings appended (``audio.data`` chunks may repeat: silence)."""
+THINKING_FIELD = "reasoning"
+"""Where the text of ``thinking`` content parts (Mistral Magistral) goes, with ``reasoning.*``
+events: the field name vLLM and OpenRouter use for reasoning text."""
+CONTENT_PARTS_FIELD = "content_parts"
+"""Message field that keeps content parts of any type but ``text`` and ``thinking``, in order."""
 
 
 def fold_plain_chunk(
@@ -37,6 +51,7 @@ def fold_plain_chunk(
     returns True; for any other chunk it returns False having changed nothing.
     """
     choices = chunk.get("choices")
+    chunk_id = chunk.get("id")
     if (
         type(choices) is not list  # unchecked in error and non-chunk frames: no len() before this
         or len(choices) != 1
@@ -44,6 +59,7 @@ def fold_plain_chunk(
         or state.status is not None
         or chunk.get("error")
         or chunk.get("object") not in (None, CHUNK_OBJECT)
+        or (chunk_id and chunk_id != state.completion_id)  # counted by the general path
     ):
         return False
     choice = choices[0]
@@ -193,6 +209,8 @@ def accumulate_choice(
         cs = state.choice(index)
         cs.choice_extra = {k: v for k, v in choice.items() if k not in _SKIP_CHOICE_KEYS}
     delta: dict[str, Any] = choice.get("delta") or {}
+    if type(delta.get("content")) is list:
+        delta = _split_content_parts(state, cs, delta)
     got_token = False
     text = cs.text
     for key, value in delta.items():
@@ -211,7 +229,8 @@ def accumulate_choice(
             if value is not None and cs.role is None:
                 cs.role = value
         elif key != "tool_calls":
-            _accumulate_value(cs.message_extra, key, value)
+            provider = not (options.sdk or key in SDK_ACCUMULATED_FIELDS)
+            _accumulate_value(cs.message_extra, key, value, provider)
 
     touched: list[tuple[ToolCallState, str]] = []
     if tool_indexes:
@@ -243,6 +262,43 @@ def accumulate_choice(
     if options.partial_parse and not sdk_first and state.status is None:
         _partial_parse(state, cs, delta, touched, options)
     return Step(cs, delta, tool_indexes, touched, logprobs)
+
+
+def _split_content_parts(state: CompletionState, cs: ChoiceState, delta: dict[str, Any]) -> dict[str, Any]:
+    """The delta with ``content`` given as typed parts (Mistral) made plain: the text of ``text``
+    parts is the content delta, the text of ``thinking`` parts is appended to the
+    ``THINKING_FIELD`` delta; parts of other types are appended to the message's
+    ``CONTENT_PARTS_FIELD`` as they are, and counted. A list with no text part is no content
+    delta at all (no ``content.delta`` event). Parts were checked by ``records``."""
+    text: list[str] = []
+    thinking: list[str] = []
+    other: list[Any] = []
+    for part in delta["content"]:
+        kind = part.get("type")
+        if kind == "text":
+            text.append(part["text"])
+        elif kind == "thinking":
+            inner = part["thinking"]
+            if isinstance(inner, str):
+                thinking.append(inner)
+                continue
+            for sub in inner:
+                if sub.get("type") == "text":
+                    thinking.append(sub["text"])
+                else:
+                    other.append(sub)
+        else:
+            other.append(part)
+    plain = {k: v for k, v in delta.items() if k != "content"}
+    if text:
+        plain["content"] = "".join(text)
+    if thinking:
+        plain[THINKING_FIELD] = (plain.get(THINKING_FIELD) or "") + "".join(thinking)
+    if other:
+        state.counters.unknown_content_parts += len(other)
+        parts = cs.message_extra.get(CONTENT_PARTS_FIELD)
+        cs.message_extra[CONTENT_PARTS_FIELD] = [*parts, *other] if isinstance(parts, list) else other
+    return plain
 
 
 def _accumulate_tool_call(
@@ -319,10 +375,21 @@ def _partial_parse(
                     raise StreamError("ValueError", str(exc)) from None
 
 
-def _accumulate_value(acc: dict[str, Any], key: str, value: Any) -> None:
+def _accumulate_value(acc: dict[str, Any], key: str, value: Any, provider: bool = False) -> None:
     """openai-python's ``accumulate_delta`` for one key of fields chunkfold has no buffer for
     (``function_call``, ``audio``, provider extras): strings and numbers add up, dicts merge,
-    lists of indexed entries merge by ``index``, ``index``/``type`` are replaced."""
+    lists of indexed entries merge by ``index``, ``index``/``type`` are replaced.
+
+    ``provider`` (a provider's own message field, outside SDK mode), at every depth: an
+    ``IDENTITY_FIELDS`` member keeps its last non-null value, and a value equal to the whole
+    value so far is a repeat, kept once (identity fields no one has listed yet; a repeated
+    annotations object). So a text field that really streams is appended, except a second delta
+    equal to the first: ``"ab"`` then ``"ab"`` stays ``"ab"``."""
+    if provider and value is not None:
+        current = acc.get(key)
+        if key in IDENTITY_FIELDS or (type(current) is type(value) and current == value):
+            acc[key] = value
+            return
     if acc.get(key) is None:
         if isinstance(value, list) and any(isinstance(v, dict) and "index" in v for v in value):
             acc[key] = []
@@ -341,7 +408,7 @@ def _accumulate_value(acc: dict[str, Any], key: str, value: Any) -> None:
     elif isinstance(current, dict) and isinstance(value, dict):
         merged = dict(current)
         for sub_key, sub_value in value.items():
-            _accumulate_value(merged, sub_key, sub_value)
+            _accumulate_value(merged, sub_key, sub_value, provider)
         acc[key] = merged
     elif isinstance(current, list) and isinstance(value, list):
         indexed = [v for v in value if isinstance(v, dict) and isinstance(v.get("index"), int)]
@@ -362,6 +429,6 @@ def _accumulate_value(acc: dict[str, Any], key: str, value: Any) -> None:
                 merged_list.append(entry)
             else:
                 holder = {"v": merged_list[position]}
-                _accumulate_value(holder, "v", entry)
+                _accumulate_value(holder, "v", entry, provider)
                 merged_list[position] = holder["v"]
         acc[key] = merged_list

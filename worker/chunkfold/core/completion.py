@@ -34,7 +34,7 @@ class StreamError(Exception):
 
 def build_completion(
     state: CompletionState, *, parse_unfinished: bool, embed: bool = False
-) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The ``ParsedChatCompletion`` dump of ``state`` (None before the first chunk) and the
     first error ``get_final_completion`` would raise, in one pass over the choices.
     ``embed``: logprob lists are embedded JSON (``codec.embedded``), for output through ``codec.dumps``.

@@ -32,8 +32,14 @@ from chunkfold.core.accumulate import (
 )
 from chunkfold.core.completion import StreamError, build_completion
 from chunkfold.core.events import choice_events, number_events
-from chunkfold.core.records import CHUNK_OBJECT, InputRecord, InvalidRecord, RecordKind, validate_request
-from chunkfold.core.state import AnyState, ClosedCompletion, CompletionState, RequestSpec
+from chunkfold.core.records import (
+    InputRecord,
+    InvalidRecord,
+    RecordKind,
+    is_non_chunk_frame,
+    validate_request,
+)
+from chunkfold.core.state import MAX_OTHER_IDS, AnyState, ClosedCompletion, CompletionState, RequestSpec
 from chunkfold_schemas.done import Status
 
 DONE_RECORD_VERSION = 1
@@ -66,7 +72,8 @@ SDK_OPTIONS = FoldOptions(snapshots=True, partial_parse=True, sdk=True)
 class FoldResult:
     """``state`` replaces the stored state (``None``: delete it). ``stream_error`` names the SDK
     exception the SDK would have raised on this record. ``skipped`` says why a record was not
-    applied (``replayed``: at or below the stored offset; ``duplicate``: a seq already seen).
+    applied (``replayed``: at or below the stored offset; ``duplicate``: a seq already seen;
+    ``after_error``: the ``[DONE]`` that follows an error frame).
     ``events`` and ``done`` are values for ``codec.dumps``: outside ``sdk`` mode, logprob lists
     in them (done events, snapshots, the final completion) are embedded JSON (``codec.embedded``)."""
 
@@ -99,6 +106,12 @@ def fold(
                     state.last_offset = offset
             return FoldResult(state, skipped="duplicate")
     if isinstance(state, ClosedCompletion):
+        if kind is _DONE and state.awaits_done:
+            state.awaits_done = False
+            state.last_offset = offset if offset is not None else state.last_offset
+            if seq is not None and (state.next_seq is None or seq >= state.next_seq):
+                state.next_seq = seq + 1
+            return FoldResult(state, skipped="after_error")
         raise InvalidRecord("after_end", f"{kind.value} record after the completion ended ({state.status})")
     if state is None:
         if kind in (_DONE, _ABORT):
@@ -120,8 +133,12 @@ def fold(
         state.spec = RequestSpec.from_request(payload)
         state.request_ms = ts
     _advance(state, offset, seq, ts)
-    if kind is _DONE or result.stream_error == "APIError":
+    if kind is _DONE:
         _close(state, None, ts, result)
+    elif result.stream_error == "APIError":
+        _close(state, None, ts, result)
+        assert isinstance(result.state, ClosedCompletion)
+        result.state.awaits_done = True
     elif kind is _ABORT:
         reason = (payload or {}).get("reason")
         _close(state, Status.ABORTED, ts, result, abort_reason=reason)
@@ -187,17 +204,26 @@ def _fold_chunk(
     """Any chunk, in openai-python's two phases: accumulate every choice, then build the events."""
     error = chunk.get("error")
     if error:
+        # openai-python raises APIError(message, body=error) here; the usage the frame may carry
+        # (OpenRouter reports the tokens spent) is kept, and so is the body (code, param,
+        # Groq's failed_generation), as the SDK's exception keeps it
         message = error.get("message") if isinstance(error, dict) else None
         if not isinstance(message, str) or not message:
             message = "An error occurred during streaming"
         if state.status is None:
-            state.status, state.error = Status.FAILED, {"type": "APIError", "message": message}
+            state.status = Status.FAILED
+            state.error = {"type": "APIError", "message": message, "body": error}
+        usage = chunk.get("usage")  # the rest of an error frame is not checked: this is
+        if isinstance(usage, dict):
+            state.usage = usage
         result.stream_error = "APIError"
         return
-    obj = chunk.get("object")
-    if obj is not None and obj != CHUNK_OBJECT:
+    if is_non_chunk_frame(chunk):
         state.counters.skipped_frames += 1
         return
+    chunk_id = chunk.get("id")
+    if chunk_id and chunk_id != state.completion_id:
+        _other_id(state, chunk_id)
     choices: list[dict[str, Any]] = chunk.get("choices") or []
     tool_indexes = [resolve_tool_indexes(state, choice) for choice in choices]
 
@@ -232,6 +258,14 @@ def _fold_chunk(
         result.events.extend(number_events(state, events))
 
 
+def _other_id(state: CompletionState, chunk_id: str) -> None:
+    """A chunk whose id is not its completion's (the key): folded in all the same, counted,
+    and its id listed while the list is short."""
+    state.counters.id_mismatches += 1
+    if len(state.other_ids) < MAX_OTHER_IDS and chunk_id not in state.other_ids:
+        state.other_ids.append(chunk_id)
+
+
 def _fail(state: CompletionState, result: FoldResult, exc: StreamError) -> None:
     if state.status is None:
         state.status = _status_for(exc.error_type)
@@ -247,7 +281,7 @@ def _status_for(error_type: str) -> Status:
     return Status.FAILED
 
 
-def _status_of_error(error: dict[str, str] | None) -> Status:
+def _status_of_error(error: dict[str, Any] | None) -> Status:
     return Status.COMPLETED if error is None else _status_for(error["type"])
 
 
@@ -261,7 +295,7 @@ def _close(
     """Publish the one ``completion-done`` record and leave a tombstone. ``status`` None: the
     stream ended (``[DONE]`` or an error frame); else ``aborted`` / ``expired`` / ``failed``.
     Statuses are ``Status`` members, or their plain strings when kept in a restored state."""
-    error: dict[str, str] | None = state.error
+    error: dict[str, Any] | None = state.error
     if status is None and state.status is not None:
         status = state.status
     if status is None:
@@ -290,7 +324,7 @@ def _tombstone(state: CompletionState, status: str, now_ms: int | None) -> Close
 
 
 def _done_record(
-    state: CompletionState, status: str, error: dict[str, str] | None, completion: dict[str, Any] | None
+    state: CompletionState, status: str, error: dict[str, Any] | None, completion: dict[str, Any] | None
 ) -> dict[str, Any]:
     usage = completion["usage"] if completion else None
     first_ms = state.request_ms if state.request_ms is not None else state.first_chunk_ms
@@ -333,5 +367,8 @@ def _done_record(
             "missing_records": c.missing_records,
             "skipped_frames": c.skipped_frames,
             "seq_invalid": c.seq_invalid,
+            "id_mismatches": c.id_mismatches,
+            "unknown_content_parts": c.unknown_content_parts,
         },
+        "other_chunk_ids": list(state.other_ids),
     }

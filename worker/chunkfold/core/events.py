@@ -43,7 +43,9 @@ def choice_events(
             event["parsed"] = cs.parsed_partial
         events.append(event)
     refusal_delta = delta.get("refusal")
-    if refusal_delta is not None and cs.text.get("refusal") is not None:
+    # ``refusal: ""`` in every delta of a plain answer (Snowflake Cortex) is no refusal: outside
+    # SDK mode an empty delta gets no event (openai-python fires refusal.delta/done for it)
+    if refusal_delta is not None and cs.text.get("refusal") is not None and (refusal_delta or options.sdk):
         event = {"type": "refusal.delta", "choice_index": index, "delta": refusal_delta}
         if options.snapshots:
             event["snapshot"] = cs.text_of("refusal")
@@ -126,7 +128,7 @@ def _text_done_events(
         if options.partial_parse:
             cs.parsed_partial = parsed
         events.append(_event("content.done", index, content=content, parsed=parsed))
-    if cs.has_text("refusal") and not cs.refusal_done:
+    if (cs.text.get("refusal") if not options.sdk else cs.has_text("refusal")) and not cs.refusal_done:
         cs.refusal_done = True
         events.append(_event("refusal.done", index, refusal=cs.text_of("refusal")))
     embed = not options.sdk

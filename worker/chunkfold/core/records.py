@@ -96,7 +96,7 @@ def decode_record(
             payload = codec.loads_raw(value)
         except codec.RawDecodeError as exc:
             raise InvalidRecord("invalid_json", codec.reason(exc)) from None
-        return completion_id, _chunk_record(completion_id, payload, offset, seq, timestamp_ms)
+        return completion_id, _chunk_record(payload, offset, seq, timestamp_ms)
     payload = None
     if kind is _DONE:
         if value and not _is_done_marker(value):
@@ -119,7 +119,7 @@ def make_record(
 ) -> InputRecord:
     """An ``InputRecord`` whose payload has been checked for its kind, or ``InvalidRecord``."""
     if kind is _CHUNK:
-        return _chunk_record(completion_id, payload, offset, seq, timestamp_ms)
+        return _chunk_record(payload, offset, seq, timestamp_ms)
     if kind is _ABORT:
         if payload is not None and not isinstance(payload, dict):
             raise InvalidRecord("invalid_abort", "abort value must be a JSON object")
@@ -130,16 +130,13 @@ def make_record(
     return InputRecord(kind, payload, offset, seq, timestamp_ms)
 
 
-def _chunk_record(
-    completion_id: str, payload: Any, offset: int | None, seq: int | None, timestamp_ms: int | None
-) -> InputRecord:
+def _chunk_record(payload: Any, offset: int | None, seq: int | None, timestamp_ms: int | None) -> InputRecord:
     if not isinstance(payload, dict):
         raise InvalidRecord("not_an_object", "chunk value must be a JSON object")
     if not _plainly_valid(payload):  # validate_chunk, one call less
         _check_in_order(payload)
-    chunk_id = payload.get("id")
-    if chunk_id and chunk_id != completion_id:
-        raise InvalidRecord("key_mismatch", f"chunk id {chunk_id!r} differs from key {completion_id!r}")
+    # a chunk id other than the key is folded into the key's completion (the engine counts it):
+    # the key is the gateway's completion id, and some providers change the id on every chunk
     # InputRecord(...) without the NamedTuple's Python-level __new__, which costs as much again
     return tuple.__new__(InputRecord, (_CHUNK, payload, offset, seq, timestamp_ms))
 
@@ -204,6 +201,25 @@ def validate_chunk(chunk: dict[str, Any]) -> None:
 _STR_OR_NULL_TYPES = frozenset((str, type(None)))
 _INT_OR_NULL_TYPES = frozenset((int, type(None)))
 _DICT_OR_NULL_TYPES = frozenset((dict, type(None)))
+
+
+def is_non_chunk_frame(chunk: dict[str, Any]) -> bool:
+    """A frame to skip (and count): its ``object`` is another than ``chat.completion.chunk``
+    and it carries no choice data (no choice with a ``delta``, ``finish_reason`` or
+    ``logprobs``) and no usage: Azure's content-filter frames (``object: ""``, choices with
+    filter results only). A frame of any other object with choice data is folded as a chunk
+    (Perplexity ends its streams with ``object: "chat.completion.done"``, finish reason in it)."""
+    obj = chunk.get("object")
+    if obj is None or obj == CHUNK_OBJECT or chunk.get("usage") is not None:
+        return False
+    choices = chunk.get("choices")
+    return not (
+        type(choices) is list
+        and any(
+            type(c) is dict and (c.get("delta") or c.get("finish_reason") or c.get("logprobs") is not None)
+            for c in choices
+        )
+    )
 
 
 def _plainly_valid(chunk: dict[str, Any]) -> bool:
@@ -290,7 +306,7 @@ def _check_in_order(chunk: dict[str, Any]) -> None:
     if obj is not None:
         if type(obj) is not str:
             raise _wrong("object must be a string")
-        if obj != CHUNK_OBJECT:
+        if is_non_chunk_frame(chunk):
             return
     choices = None
     for key, value in chunk.items():
@@ -340,8 +356,33 @@ def _validate_delta(delta: dict[str, Any]) -> None:
                 raise _wrong("delta.tool_calls must be a list")
             for call in value:
                 _validate_tool_call(call)
+        elif key == "content" and type(value) is list:
+            _validate_content_parts(value)
         elif key in _DELTA_STR_FIELDS and type(value) is not str:
-            raise _wrong(f"delta.{key} must be a string or null")
+            raise _wrong(
+                "delta.content must be a string, a list of content parts or null"
+                if key == "content"
+                else f"delta.{key} must be a string or null"
+            )
+
+
+def _validate_content_parts(parts: list[Any]) -> None:
+    """``delta.content`` as typed parts (Mistral): objects; a ``text`` part's ``text`` is a
+    string, a ``thinking`` part's ``thinking`` a string or a list of such parts. Parts of other
+    types are not checked (the engine keeps them as they are)."""
+    for part in parts:
+        if type(part) is not dict:
+            raise _wrong("delta.content[] must be objects")
+        kind = part.get("type")
+        if kind == "text":
+            if type(part.get("text")) is not str:
+                raise _wrong("delta.content[].text must be a string")
+        elif kind == "thinking":
+            thinking = part.get("thinking")
+            if type(thinking) is list:
+                _validate_content_parts(thinking)
+            elif type(thinking) is not str:
+                raise _wrong("delta.content[].thinking must be a string or a list of parts")
 
 
 def _validate_tool_call(call: Any) -> None:

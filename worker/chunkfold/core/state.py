@@ -13,13 +13,20 @@ from typing import Any, Protocol
 from chunkfold.core import codec
 from chunkfold.core.validation import check_schema
 
-STATE_VERSION = 4
+STATE_VERSION = 5
 """2: the counters no longer hold ``replayed_skipped`` and ``records_after_end`` (a v1 state is
 still read: those two are dropped). 3: logprob buffers hold normalized entries (a v1/v2 state is
 still read: its buffers are marked ``logprobs_wire`` and normalized when they are output).
 4: the counters end with ``seq_invalid`` and ``validation_steps`` (a v3 state is read with
 both 0; a worker of an older release refuses a v4 state as unreadable instead of misreading
-it)."""
+it). 5: the counters end with ``id_mismatches`` and ``unknown_content_parts``, an open state may
+hold ``other_ids`` and a tombstone ``awaits_done`` (a v3/v4 state is read with the counters 0,
+no ids and no awaited ``[DONE]``)."""
+
+MAX_OTHER_IDS = 8
+"""How many distinct chunk ids other than the completion's own a done record lists (the count
+of such chunks, ``id_mismatches``, has no limit): bounded, so a provider that changes the id on
+every chunk cannot make the state grow with the stream."""
 
 TEXT_FIELDS = ("content", "refusal")
 REASONING_FIELDS = ("reasoning_content", "reasoning")
@@ -153,6 +160,10 @@ class Counters:
     validation_steps: int = 0
     """Spent from ``validation.VALIDATION_STEPS``: kept with the state so a restored completion
     has exactly the budget it had left (not an anomaly, so not in the done record)."""
+    id_mismatches: int = 0
+    """Chunks whose ``id`` was neither empty nor the completion's (the record key)."""
+    unknown_content_parts: int = 0
+    """``delta.content`` parts of a type other than ``text`` and ``thinking`` (kept as they are)."""
 
 
 @dataclass(slots=True)
@@ -168,7 +179,7 @@ class CompletionState:
     moderation: Any = None
     choices: dict[int, ChoiceState] = field(default_factory=dict)
     status: str | None = None
-    error: dict[str, str] | None = None
+    error: dict[str, Any] | None = None
     last_offset: int | None = None
     next_seq: int | None = None
     event_seq: int = 0
@@ -178,6 +189,8 @@ class CompletionState:
     last_chunk_ms: int | None = None
     first_token_ms: int | None = None
     last_activity_ms: int | None = None
+    other_ids: list[str] = field(default_factory=list)
+    """The first ``MAX_OTHER_IDS`` distinct chunk ids other than ``completion_id``."""
 
     def choice(self, index: int) -> ChoiceState:
         state = self.choices.get(index)
@@ -197,6 +210,9 @@ class ClosedCompletion:
     next_seq: int | None
     closed_at_ms: int | None
     last_activity_ms: int | None
+    awaits_done: bool = False
+    """It ended on an error frame: one ``[DONE]`` may still follow (OpenRouter sends it), and is
+    taken quietly instead of being reported as a record after the end."""
 
 
 AnyState = CompletionState | ClosedCompletion
@@ -237,6 +253,7 @@ def state_to_dict(state: AnyState, buffers: BufferCodec = FULL, *, compact: bool
             "next_seq": state.next_seq,
             "closed_at_ms": state.closed_at_ms,
             "last_activity_ms": state.last_activity_ms,
+            **({"awaits_done": True} if state.awaits_done else {}),
         }
     data = {
         "v": STATE_VERSION,
@@ -258,6 +275,8 @@ def state_to_dict(state: AnyState, buffers: BufferCodec = FULL, *, compact: bool
             state.last_activity_ms,
         ],
     }
+    if state.other_ids:  # absent otherwise: the common state keeps its bytes
+        data["other_ids"] = state.other_ids
     if not compact:
         data["request"] = state.request
     return data
@@ -326,7 +345,7 @@ def state_from_dict(
         data = {**data, "v": STATE_VERSION}
         if "choices" in data:
             data["choices"] = [{**c, "logprobs": [*c["logprobs"], c["logprobs"][0]]} for c in data["choices"]]
-    if data.get("v") == 3:
+    if data.get("v") in (3, 4):  # fewer counters: the ones added since read as 0
         data = {**data, "v": STATE_VERSION}
     if data.get("v") != STATE_VERSION:
         raise StateVersionError(f"unsupported state version {version!r}")
@@ -338,6 +357,7 @@ def state_from_dict(
             data["next_seq"],
             data["closed_at_ms"],
             data["last_activity_ms"],
+            data.get("awaits_done", False),
         )
     if "request" in data:
         request = data["request"]
@@ -352,6 +372,7 @@ def state_from_dict(
         status=data["status"],
         error=data["error"],
         counters=Counters(*data["counters"]),
+        other_ids=data.get("other_ids", []),
     )
     state.last_offset, state.next_seq, state.event_seq = data["pos"]
     (
