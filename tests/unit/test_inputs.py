@@ -53,3 +53,19 @@ def test_a_chunk_with_an_empty_id_joins_the_completion_around_it() -> None:
 def test_format_detection() -> None:
     assert detect_format(": hi\n\ndata: {}\n\n") == "sse"
     assert detect_format('\n{"id": "x"}\n') == "jsonl"
+
+
+def test_an_sse_response_is_one_completion_per_stream_whatever_ids_its_chunks_carry() -> None:
+    text = (
+        'data: {"id": "a1", "choices": []}\n\ndata: {"id": "a2", "choices": []}\n\ndata: [DONE]\n\n'
+        'data: {"id": "", "choices": []}\n\ndata: {"id": "b1", "choices": []}\n\n'
+        'data: {"id": "stub", "choices": []}\n\ndata: [DONE]\n\n'
+        'data: {"choices": []}\n\ndata: [DONE]\n\n'
+    )
+    keys = [key for key, _ in frames_to_keys(iter_frames(text))]
+    assert keys == ["a1", "a1", "a1", "b1", "b1", "b1", "b1", "", ""]
+
+
+def test_json_lines_keep_grouping_interleaved_completions_by_id() -> None:
+    text = '{"id": "a", "choices": []}\n{"id": "b", "choices": []}\n{"id": "a", "choices": []}\n[DONE]\n'
+    assert [key for key, _ in frames_to_keys(iter_frames(text))] == ["a", "b", "a", "a"]

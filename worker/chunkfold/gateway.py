@@ -24,13 +24,20 @@ class GatewayRecord:
 
 
 def capture_records(
-    text: str, request: dict[str, Any] | None = None, *, key_suffix: str = "", with_seq: bool = True
+    text: str,
+    request: dict[str, Any] | None = None,
+    *,
+    key_suffix: str = "",
+    with_seq: bool = True,
+    unnamed_key: str = "",
 ) -> dict[str, list[GatewayRecord]]:
     """The records of each completion in ``text``, in order, keyed by completion id (plus
-    ``key_suffix``, to publish one capture several times as distinct completions)."""
+    ``key_suffix``, to publish one capture several times as distinct completions).
+    ``unnamed_key``: the id of a completion no frame names (Snowflake Cortex sends ``id: ""``),
+    as a gateway would key it by the id it gave the request (a record without key is dead-lettered)."""
     streams: dict[str, list[GatewayRecord]] = {}
     for key, frame in frames_to_keys(iter_frames(text)):
-        completion_id = key + key_suffix
+        completion_id = (key or unnamed_key) + key_suffix
         records = streams.get(completion_id)
         if records is None:
             records = streams[completion_id] = []

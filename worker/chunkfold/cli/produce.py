@@ -31,10 +31,12 @@ def register(subcommands: options.Subcommands) -> None:
 def cmd_produce(args: argparse.Namespace) -> int:
     settings = options.settings(args)
     streams: list[list[GatewayRecord]] = []
-    for _, text, request in load_captures(args.paths):
+    for path, text, request in load_captures(args.paths):
         for n in range(args.repeat):
             suffix = f"-{n}" if args.repeat > 1 else ""
-            streams += capture_records(text, request, key_suffix=suffix, with_seq=not args.no_seq).values()
+            streams += capture_records(
+                text, request, key_suffix=suffix, with_seq=not args.no_seq, unnamed_key=path.stem
+            ).values()
     records = list(interleave(streams))
     sent = asyncio.run(publish(settings, records, args.rate))
     print(

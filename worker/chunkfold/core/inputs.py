@@ -8,6 +8,13 @@ discarded, as the spec and openai-python do. Those bytes may be an event cut mid
 since replay ends every open completion at the end of the input anyway.
 
 An ``event: error`` frame's data is an error payload, folded like ``{"error": ...}``.
+
+Which completion a frame belongs to (``frames_to_keys``): an SSE capture is an HTTP response,
+one stream after another, each ended by ``data: [DONE]``; every frame of a stream belongs to
+its completion, named by the first non-empty chunk ``id`` in it, whatever ids later chunks carry
+(Groq's ``groq/compound`` sends a new id with every chunk, the last one ``"stub"``). A JSON
+Lines capture may interleave completions: an envelope's ``key`` names its completion, else the
+chunk's ``id`` does.
 """
 
 from __future__ import annotations
@@ -30,13 +37,15 @@ class InputError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """One input record: ``key`` None means "the completion of the chunk" (its ``id``)."""
+    """One input record: ``key`` None means "the completion of the chunk" (its ``id``, or the
+    first id of its SSE ``stream``: the streams of a response are numbered from 0)."""
 
     line: int
     kind: RecordKind
     payload: Any
     key: str | None = None
     seq: int | None = None
+    stream: int | None = None
 
 
 def detect_format(text: str) -> str:
@@ -100,11 +109,16 @@ def iter_frames(text: str) -> Iterator[Frame]:
     ``{"kind": "chunk|request|done|abort", "key": ..., "value": ..., "seq": ...}``.
     """
     if detect_format(text) == "sse":
+        stream = 0
         for event in iter_sse_events(text):
-            if event.event == "error":
-                yield _error_event_frame(event)
-            else:
-                yield _payload_frame(event.line, event.data)
+            frame = (
+                _error_event_frame(event)
+                if event.event == "error"
+                else _payload_frame(event.line, event.data)
+            )
+            yield Frame(frame.line, frame.kind, frame.payload, stream=stream)
+            if frame.kind is RecordKind.DONE:
+                stream += 1
         return
     for number, raw in enumerate(_LINE_END.split(text.lstrip("\ufeff")), start=1):
         if not raw.strip():
@@ -151,20 +165,27 @@ def read_text(data: bytes, source: str) -> str:
 
 
 def frames_to_keys(frames: Iterable[Frame]) -> Iterator[tuple[str, Frame]]:
-    """Assign each frame its completion key: the envelope key, else the chunk's ``id``.
+    """Assign each frame its completion key: the envelope key, else the first chunk ``id`` of
+    its SSE stream, else (JSON Lines) the chunk's ``id``.
 
     A ``[DONE]`` or a frame without id (missing or ``""``: an error frame, Azure's filter
-    frames, Snowflake Cortex's every chunk) belongs to the completion of the previous frame, or
-    of the next one when it comes first. An input in which no frame names a completion is one
-    completion, keyed ``""``."""
+    frames, Snowflake Cortex's every chunk) belongs to the completion of its stream, or in JSON
+    Lines of the previous frame, or of the next one when it comes first. A stream (or input) in
+    which no frame names a completion is one completion, keyed ``""``."""
     last_key: str | None = None
+    stream_keys: dict[int, str] = {}
     waiting: list[Frame] = []
     for frame in frames:
-        key = frame.key
+        if waiting and frame.stream != waiting[0].stream:  # a stream ended without any id
+            yield from (("", early) for early in waiting)
+            waiting.clear()
+        key = frame.key or None
         if key is None and frame.kind is RecordKind.CHUNK:
             chunk_id = frame.payload.get("id")
-            key = chunk_id if isinstance(chunk_id, str) and chunk_id else last_key
-        key = key or last_key
+            if isinstance(chunk_id, str) and chunk_id:
+                key = chunk_id if frame.stream is None else stream_keys.setdefault(frame.stream, chunk_id)
+        if key is None:
+            key = last_key if frame.stream is None else stream_keys.get(frame.stream)
         if key is None:
             waiting.append(frame)
             continue
