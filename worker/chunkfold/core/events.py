@@ -43,9 +43,7 @@ def choice_events(
             event["parsed"] = cs.parsed_partial
         events.append(event)
     refusal_delta = delta.get("refusal")
-    # ``refusal: ""`` in every delta of a plain answer (Snowflake Cortex) is no refusal: outside
-    # SDK mode an empty delta gets no event (openai-python fires refusal.delta/done for it)
-    if refusal_delta is not None and cs.text.get("refusal") is not None and (refusal_delta or options.sdk):
+    if refusal_delta is not None and cs.text.get("refusal") is not None and _refusal_shown(cs, options):
         event = {"type": "refusal.delta", "choice_index": index, "delta": refusal_delta}
         if options.snapshots:
             event["snapshot"] = cs.text_of("refusal")
@@ -71,6 +69,14 @@ def choice_events(
         _logprobs_events(cs, logprobs, options, events)
     if cs.finish_reason or tool_indexes:
         _done_events(state, cs, tool_indexes, options, events)
+
+
+def _refusal_shown(cs: ChoiceState, options: FoldOptions) -> bool:
+    """Whether the choice's refusal gets events. An empty refusal next to content is no refusal:
+    Snowflake Cortex sends ``refusal: ""`` in every delta of a plain answer, and openai-python
+    fires ``refusal.delta`` / ``refusal.done`` for each (SDK mode does too). OpenAI opens a real
+    refusal with ``refusal: ""`` and ``content: null``: that empty delta keeps its event."""
+    return options.sdk or bool(cs.text.get("refusal")) or cs.text.get("content") is None
 
 
 def _event(event_type: str, choice_index: int, **fields: Any) -> dict[str, Any]:
@@ -128,7 +134,7 @@ def _text_done_events(
         if options.partial_parse:
             cs.parsed_partial = parsed
         events.append(_event("content.done", index, content=content, parsed=parsed))
-    if (cs.text.get("refusal") if not options.sdk else cs.has_text("refusal")) and not cs.refusal_done:
+    if cs.has_text("refusal") and not cs.refusal_done and _refusal_shown(cs, options):
         cs.refusal_done = True
         events.append(_event("refusal.done", index, refusal=cs.text_of("refusal")))
     embed = not options.sdk
