@@ -12,6 +12,9 @@ Python API (stdlib only; aiokafka is imported lazily for the readiness check):
     ensure_libs() -> Path
     Broker(port=0, cport=0, run_dir=None): start(), stop(), kill(), restart(), wait_ready(), close(), .bootstrap
     Cluster(size=3, port=0): start(), kill(i), stop(i), restart(i), wait_for_brokers(n), close(), .bootstrap
+    make_tls(dir, clients) -> TlsFiles (needs `cryptography`); SecuredBroker(tls, users, admin_password):
+    a Broker with ACLs, SASL_SSL/SCRAM-SHA-512 (.sasl_bootstrap) and mTLS (.mtls_bootstrap) listeners
+    create_acls(bootstrap, [(principal, resource type, name, LITERAL|PREFIXED, operation), ...])
 Port 0 picks free ports. Brokers started through the API are stopped at interpreter exit unless keep_running=True.
 """
 
@@ -326,17 +329,24 @@ class Broker:
     def returncode(self) -> int | None:
         return None if self._proc is None else self._proc.poll()
 
-    def configure(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        values = {
+    def template_values(self) -> dict[str, str]:
+        """What ``configure`` fills into the template."""
+        return {
             "@NODE_ID@": str(self.node_id),
             "@PORT@": str(self.port),
             "@CPORT@": str(self.cport),
             "@VOTERS@": self.voters,
             "@DATA@": str(self.data_dir),
         }
+
+    def format_args(self) -> list[str]:
+        """Extra StorageTool ``format`` arguments (none for a plain broker)."""
+        return []
+
+    def configure(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         text = self.template.read_text()
-        for key, value in values.items():
+        for key, value in self.template_values().items():
             text = text.replace(key, value)
         self.props.write_text(text)
 
@@ -358,6 +368,7 @@ class Broker:
             cluster_id or new_cluster_id(),
             "-c",
             str(self.props),
+            *self.format_args(),
         ]
         with open(self.log_path, "ab") as out:
             return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
@@ -561,6 +572,256 @@ class Cluster:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+SECURED_TEMPLATE = HERE / "secured-server.properties.in"
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+SUPER_USER = "admin"
+
+
+class TlsFiles:
+    """The PEM files ``make_tls`` writes into ``directory``: a CA, the broker's key and chain
+    (``broker.pem``, what the broker's PEM keystore reads), a key and certificate per client (the
+    certificate's CN is the client's name, its principal on the mTLS listener) and a second,
+    unrelated CA (``other-ca.pem``) whose trust fails the handshake."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def ca(self) -> Path:
+        return self.directory / "ca.pem"
+
+    @property
+    def other_ca(self) -> Path:
+        return self.directory / "other-ca.pem"
+
+    @property
+    def broker(self) -> Path:
+        return self.directory / "broker.pem"
+
+    def client_cert(self, name: str) -> Path:
+        return self.directory / f"client-{name}.pem"
+
+    def client_key(self, name: str) -> Path:
+        return self.directory / f"client-{name}.key"
+
+
+def make_tls(directory: Path, clients: Iterable[str] = ()) -> TlsFiles:
+    """Generate a CA, a broker certificate for 127.0.0.1 and localhost, and a client certificate
+    per name in ``clients`` (CN=name), as PEM files in ``directory``. Needs the ``cryptography``
+    package (the test extra), imported here only."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def key() -> rsa.RSAPrivateKey:
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def pem_key(k: rsa.RSAPrivateKey) -> bytes:
+        return k.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    def pem_cert(c: x509.Certificate) -> bytes:
+        return c.public_bytes(serialization.Encoding.PEM)
+
+    def authority(cn: str) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+        k = key()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(name(cn))
+            .public_key(k.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(k, hashes.SHA256())
+        )
+        return k, cert
+
+    ca_key, ca_cert = authority("chunkfold test CA")
+    _, other_cert = authority("chunkfold unrelated CA")
+
+    def leaf(cn: str, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]) -> tuple[bytes, bytes]:
+        k = key()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca_cert.subject)
+            .public_key(k.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return pem_key(k), pem_cert(builder.sign(ca_key, hashes.SHA256()))
+
+    import ipaddress
+
+    files = TlsFiles(directory)
+    files.ca.write_bytes(pem_cert(ca_cert))
+    files.other_ca.write_bytes(pem_cert(other_cert))
+    broker_key, broker_cert = leaf(
+        "localhost",
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
+    files.broker.write_bytes(broker_key + broker_cert + pem_cert(ca_cert))
+    for client in clients:
+        client_key, client_cert = leaf(client, ExtendedKeyUsageOID.CLIENT_AUTH, [])
+        files.client_key(client).write_bytes(client_key)
+        files.client_cert(client).write_bytes(client_cert)
+    for path in directory.iterdir():
+        path.chmod(0o600)
+    return files
+
+
+class SecuredBroker(Broker):
+    """A single KRaft node (``secured-server.properties.in``) with ACLs (``StandardAuthorizer``,
+    nothing allowed without one), a SASL_SSL listener with SCRAM-SHA-512 (``sasl_bootstrap``) and
+    an SSL listener that requires a client certificate (``mtls_bootstrap``). ``users`` are the
+    SCRAM users (name: password), created when the storage is formatted; ``admin`` (password
+    ``admin_password``) is a super user. The PLAINTEXT listener (``bootstrap``, loopback) serves
+    inter-broker traffic, the readiness check and ``create_acls``: there the principal is
+    ``ANONYMOUS``, a super user too. ``tls`` holds the PEM files (``make_tls``)."""
+
+    def __init__(
+        self,
+        tls: TlsFiles,
+        users: dict[str, str],
+        admin_password: str,
+        run_dir: Path | None = None,
+        **options: Any,
+    ) -> None:
+        port, cport, self.sasl_port, self.mtls_port = free_ports(4)
+        super().__init__(port, cport, run_dir, template=SECURED_TEMPLATE, **options)
+        self.tls = tls
+        self.users = {**users, SUPER_USER: admin_password}
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.sasl_port}"
+
+    @property
+    def mtls_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.mtls_port}"
+
+    def template_values(self) -> dict[str, str]:
+        return {
+            **super().template_values(),
+            "@SASL_PORT@": str(self.sasl_port),
+            "@MTLS_PORT@": str(self.mtls_port),
+            "@TLS@": str(self.tls.directory),
+        }
+
+    def format_args(self) -> list[str]:
+        args: list[str] = []
+        for user, password in self.users.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", user + password):
+                raise KafkaError(f"SCRAM user {user!r}: names and passwords are [A-Za-z0-9_.-] here")
+            args += ["--add-scram", f"{SCRAM_MECHANISM}=[name={user},password={password}]"]
+        return args
+
+
+ACL_RESOURCE_TYPES = {"TOPIC": 2, "GROUP": 3, "CLUSTER": 4, "TRANSACTIONAL_ID": 5}
+ACL_PATTERN_TYPES = {"LITERAL": 3, "PREFIXED": 4}
+ACL_OPERATIONS = {
+    "ALL": 2,
+    "READ": 3,
+    "WRITE": 4,
+    "CREATE": 5,
+    "DELETE": 6,
+    "ALTER": 7,
+    "DESCRIBE": 8,
+    "CLUSTER_ACTION": 9,
+    "DESCRIBE_CONFIGS": 10,
+    "ALTER_CONFIGS": 11,
+    "IDEMPOTENT_WRITE": 12,
+}
+ALLOW = 3
+
+
+async def _create_acls(bootstrap: str, acls: list[tuple[str, str, str, str, str]]) -> None:
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.protocol.admin import CreateAclsRequest, DescribeAclsRequest
+
+    client = AIOKafkaClient(bootstrap_servers=bootstrap)
+    await client.bootstrap()
+    try:
+        node = client.get_random_node()
+        for principal, resource_type, resource, pattern, operation in acls:
+            response = await client.send(
+                node,
+                CreateAclsRequest(
+                    ACL_RESOURCE_TYPES[resource_type],
+                    resource,
+                    ACL_PATTERN_TYPES[pattern],
+                    principal,
+                    "*",
+                    ACL_OPERATIONS[operation],
+                    ALLOW,
+                ),
+            )
+            for error_code, message in response.creation_responses:
+                if error_code:
+                    raise KafkaError(
+                        f"CreateAcls {operation} {resource_type}:{resource}: {error_code} {message}"
+                    )
+        # The broker answers once the controller committed them; wait until its authorizer has them.
+        deadline = time.monotonic() + 30
+        principals = {acl[0] for acl in acls}
+        while True:
+            seen = 0
+            for principal in principals:
+                response = await client.send(node, DescribeAclsRequest(1, None, 1, principal, None, 1, 1))
+                seen += sum(len(resource[-1]) for resource in response.resources)
+            if seen >= len(acls) or time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.1)
+    finally:
+        await client.close()
+
+
+def create_acls(bootstrap: str, acls: Iterable[tuple[str, str, str, str, str]]) -> None:
+    """Allow each ``(principal, resource type, resource name, pattern type, operation)`` from any
+    host, e.g. ``("User:worker", "TOPIC", "completion-done", "LITERAL", "WRITE")``; through
+    ``bootstrap``, a listener whose principal may (a super user's: a ``SecuredBroker``'s
+    ``bootstrap``). Returns once the broker's authorizer has them."""
+    acls = list(acls)
+    for _, resource_type, _, pattern, operation in acls:
+        if resource_type not in ACL_RESOURCE_TYPES or pattern not in ACL_PATTERN_TYPES:
+            raise KafkaError(f"unknown ACL resource type or pattern {resource_type} {pattern}")
+        if operation not in ACL_OPERATIONS:
+            raise KafkaError(f"unknown ACL operation {operation}")
+    _run_sync(lambda: _create_acls(bootstrap, acls))
 
 
 def _cli_up() -> int:
