@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import orjson
+from pydantic import SecretStr
 
 from chunkfold.config import Settings
 from chunkfold.gateway import GatewayRecord, capture_records, interleave, load_captures
@@ -51,6 +52,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for name in Settings.model_fields:
         if name != "bootstrap_servers":
             value = getattr(settings, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
             env[f"CHUNKFOLD_{name.upper()}"] = str(int(value) if isinstance(value, bool) else value)
     return env
 

@@ -22,7 +22,7 @@ import orjson
 
 from chunkfold.config import Settings
 from chunkfold.gateway import GatewayRecord, capture_records, load_captures
-from chunkfold.kafka_io import ensure_topics, make_producer, output_consumer
+from chunkfold.kafka_io import KafkaClients, ensure_topics, make_producer, output_consumer
 from tests.demo import synthetic
 from tests.recorded import FIXTURES
 
@@ -84,7 +84,7 @@ class Progress:
 
 
 async def produce_forever(settings: Settings, progress: Progress, stop: asyncio.Event) -> None:
-    producer = make_producer(settings.bootstrap_servers)
+    producer = make_producer(KafkaClients.of(settings))
     await producer.start()
     templates = demo_streams()
     _log(
@@ -176,7 +176,8 @@ async def report(progress: Progress, stop: asyncio.Event) -> None:
 
 async def run(settings: Settings) -> None:
     topics = (settings.input_topic, settings.events_topic, settings.done_topic, settings.deadletter_topic)
-    await ensure_topics(settings.bootstrap_servers, topics, settings.partitions)
+    if settings.create_topics:
+        await ensure_topics(KafkaClients.of(settings), topics, settings.partitions)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -5,6 +5,10 @@ Each setting reads ``CHUNKFOLD_<NAME>`` from the environment (``bootstrap_server
 ``Settings.from_env`` only: ``Settings(partitions=1)`` is exactly its arguments over the defaults.
 A value that does not parse, or a ``CHUNKFOLD_`` variable that names no setting (a typo would
 otherwise be ignored silently), is a ``SettingsError`` with a one-line message.
+
+The Kafka security settings (``security_protocol``, ``ssl_*``, ``sasl_*``) are turned into the
+clients' options by ``chunkfold.kafka_security``; secrets are ``SecretStr`` (shown as
+``**********`` in a repr, a log line or an error) and can come from files instead.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "CHUNKFOLD_"
@@ -23,6 +27,10 @@ project (the development broker's port, ``deploy/kafka/kafka.py``)."""
 
 Driver = Literal["direct", "faust"]
 ProcessingGuarantee = Literal["at_least_once", "exactly_once"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
+SECRETS = frozenset({"sasl_password", "ssl_key_password"})
+"""Settings whose values are never shown, not even in an error about them."""
 
 
 class SettingsError(ValueError):
@@ -71,11 +79,59 @@ class Settings(BaseSettings):
     default, so a worker run on a host shares nothing; the container image sets ``0.0.0.0``,
     where probes and Prometheus reach it through the pod's or container's own address."""
 
+    create_topics: bool = True
+    """Create missing topics (input, outputs, state changelog). ``false``: never ask for
+    ``CreateTopics``; every topic must exist, and the worker refuses to start when one is missing."""
+
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    """Kafka's ``security.protocol`` for every client chunkfold creates."""
+    ssl_cafile: str = ""
+    """PEM file of the CA(s) that signed the brokers' certificates; empty: the system's CAs."""
+    ssl_certfile: str = ""
+    """PEM client certificate (mutual TLS), optionally with its key."""
+    ssl_keyfile: str = ""
+    """PEM private key of ``ssl_certfile`` when that file does not hold it."""
+    ssl_key_password: SecretStr | None = None
+    """Password of an encrypted ``ssl_keyfile`` (or ``ssl_key_password_file``)."""
+    ssl_key_password_file: str = ""
+    ssl_check_hostname: bool = True
+    """Check that a broker's certificate names the host connected to (leave on)."""
+    sasl_mechanism: SaslMechanism = "PLAIN"
+    sasl_username: str = ""
+    sasl_password: SecretStr | None = None
+    """The SASL password; or ``sasl_password_file`` (a mounted Secret), not both."""
+    sasl_password_file: str = ""
+    sasl_oauth_token_file: str = ""
+    """OAUTHBEARER: a file holding the current access token, read again for every
+    authentication (a sidecar or the platform refreshes it)."""
+
     @field_validator("snapshots", "partial_parse", mode="before")
     @classmethod
     def _strip_flag(cls, value: Any) -> Any:
         """Blanks around a flag's value are ignored, as they always were (``" true "`` is true)."""
         return value.strip() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_security(self) -> Settings:
+        """Settings that contradict each other, or that a protocol needs and lacks."""
+        for secret, file in (
+            ("sasl_password", "sasl_password_file"),
+            ("ssl_key_password", "ssl_key_password_file"),
+        ):
+            if getattr(self, secret) is not None and getattr(self, file):
+                raise ValueError(f"set one of {self.env_name(secret)} and {self.env_name(file)}, not both")
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ValueError(f"{self.env_name('ssl_keyfile')} needs {self.env_name('ssl_certfile')}")
+        if self.security_protocol.startswith("SASL_"):
+            if self.sasl_mechanism == "OAUTHBEARER":
+                if not self.sasl_oauth_token_file:
+                    raise ValueError(f"OAUTHBEARER needs {self.env_name('sasl_oauth_token_file')}")
+            elif not self.sasl_username or (self.sasl_password is None and not self.sasl_password_file):
+                raise ValueError(
+                    f"{self.security_protocol} with {self.sasl_mechanism} needs {self.env_name('sasl_username')} "
+                    f"and {self.env_name('sasl_password')} or {self.env_name('sasl_password_file')}"
+                )
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -124,7 +180,11 @@ def _describe(exc: ValidationError, overrides: dict[str, Any]) -> str:
     """One line naming each value that failed: its variable, or the override's name."""
     problems = []
     for error in exc.errors(include_url=False):
-        name = str(error["loc"][0]) if error["loc"] else ""
+        if not error["loc"]:  # a check of several settings (its input is all of them: not shown)
+            problems.append(str(error["msg"]).removeprefix("Value error, "))
+            continue
+        name = str(error["loc"][0])
         where = name if name in overrides else Settings.env_name(name)
-        problems.append(f"{where}={error['input']!r}: {error['msg']}")
+        shown = "(secret)" if name in SECRETS else repr(error["input"])
+        problems.append(f"{where}={shown}: {error['msg']}")
     return "; ".join(problems)

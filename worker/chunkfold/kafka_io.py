@@ -1,4 +1,10 @@
-"""Small aiokafka helpers shared by ``produce``, ``tail``, the demo, tests and benchmarks."""
+"""Small aiokafka helpers shared by the worker, ``produce``, ``tail``, the audit sink, the demo,
+tests and benchmarks.
+
+``KafkaClients`` is where every client chunkfold creates comes from: the brokers' address with
+the security options of the settings (``chunkfold.kafka_security``). The helpers take one, or a
+plain ``host:port`` string (PLAINTEXT: tests and benchmarks on the local broker).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,53 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from chunkfold.config import Settings
+from chunkfold.kafka_security import client_options
+
+
+@dataclass(frozen=True)
+class KafkaClients:
+    """Makes aiokafka clients for ``servers`` with the security ``options`` (``security_protocol``,
+    ``ssl_context``, ``sasl_*``) added to each; the same options for all, built once."""
+
+    servers: str
+    options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, settings: Settings) -> KafkaClients:
+        """The clients of ``settings`` (raises ``SettingsError`` for an unreadable secret file)."""
+        return cls(bootstrap(settings), client_options(settings))
+
+    def consumer(self, *topics: str, **options: Any) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(*topics, bootstrap_servers=self.servers, **self.options, **options)
+
+    def producer(self, **options: Any) -> AIOKafkaProducer:
+        return AIOKafkaProducer(bootstrap_servers=self.servers, **self.options, **options)
+
+    def admin(self, **options: Any) -> AIOKafkaAdminClient:
+        return AIOKafkaAdminClient(bootstrap_servers=self.servers, **self.options, **options)
+
+    def client(self, **options: Any) -> AIOKafkaClient:
+        """A bare client (for requests the admin client does not offer)."""
+        return AIOKafkaClient(bootstrap_servers=self.servers, **self.options, **options)
+
+
+Connection = KafkaClients | str
+"""Where a helper connects: ``KafkaClients``, or a ``host:port`` list (PLAINTEXT)."""
+
+
+def clients(connection: Connection) -> KafkaClients:
+    return connection if isinstance(connection, KafkaClients) else KafkaClients(connection)
 
 
 def bootstrap(settings: Settings | None = None) -> str:
@@ -26,7 +71,7 @@ def bootstrap(settings: Settings | None = None) -> str:
 
 
 async def ensure_topics(
-    servers: str,
+    servers: Connection,
     topics: Iterable[str],
     partitions: int,
     replication: int = 1,
@@ -34,7 +79,7 @@ async def ensure_topics(
 ) -> None:
     """Create ``topics`` with ``partitions`` (and topic ``configs``) where missing; existing
     ones are left alone."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=servers)
+    admin = clients(servers).admin()
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -48,10 +93,10 @@ async def ensure_topics(
         await admin.close()
 
 
-async def topic_config(servers: str, topics: Iterable[str], name: str) -> dict[str, str]:
+async def topic_config(servers: Connection, topics: Iterable[str], name: str) -> dict[str, str]:
     """The value of topic config ``name`` for each of ``topics`` as the brokers report it (the
     topic's own or the broker's default); topics they do not answer for are left out."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=servers)
+    admin = clients(servers).admin()
     values: dict[str, str] = {}
     try:
         await admin.start()
@@ -73,7 +118,7 @@ async def topic_config(servers: str, topics: Iterable[str], name: str) -> dict[s
     return values
 
 
-async def record_limits(servers: str, topics: Iterable[str], cap: int) -> dict[str, int]:
+async def record_limits(servers: Connection, topics: Iterable[str], cap: int) -> dict[str, int]:
     """The largest record each topic accepts (its ``max.message.bytes``), at most ``cap``; a
     topic whose limit cannot be read gets ``cap``."""
     topics = list(topics)
@@ -81,8 +126,8 @@ async def record_limits(servers: str, topics: Iterable[str], cap: int) -> dict[s
     return {topic: min(cap, int(reported.get(topic, cap))) for topic in topics}
 
 
-def make_producer(servers: str, **options: object) -> AIOKafkaProducer:
-    return AIOKafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=5, **options)
+def make_producer(servers: Connection, **options: object) -> AIOKafkaProducer:
+    return clients(servers).producer(acks="all", linger_ms=5, **options)
 
 
 async def sleep_until(deadline: float) -> None:
@@ -98,9 +143,8 @@ def output_consumer(
     it reads committed records only (with ``exactly_once`` a crashed checkpoint's records never show)."""
     if topics is None:
         topics = (settings.events_topic, settings.done_topic, settings.deadletter_topic)
-    return AIOKafkaConsumer(
+    return KafkaClients.of(settings).consumer(
         *topics,
-        bootstrap_servers=bootstrap(settings),
         auto_offset_reset="earliest" if from_beginning else "latest",
         group_id=None,
         enable_auto_commit=False,

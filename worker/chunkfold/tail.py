@@ -12,7 +12,8 @@ from typing import Any
 import orjson
 
 from chunkfold.config import Settings
-from chunkfold.kafka_io import output_consumer
+from chunkfold.kafka_checks import guarded
+from chunkfold.kafka_io import KafkaClients, output_consumer
 
 
 def _clip(text: Any, width: int = 60) -> str:
@@ -57,8 +58,13 @@ async def follow(
     settings: Settings, topics: Sequence[str], *, from_beginning: bool, raw: bool, limit: int
 ) -> None:
     """Print each committed record of ``topics`` (output topics of ``settings``) on one line:
-    described, or as its JSON value with ``raw``; return after ``limit`` records (0: never)."""
+    described, or as its JSON value with ``raw``; return after ``limit`` records (0: never).
+    A failed authentication or a denied READ: ``StartupError`` (one line)."""
     consumer = output_consumer(settings, from_beginning=from_beginning, topics=topics)
+    await guarded(_print(consumer, settings, raw=raw, limit=limit), KafkaClients.of(settings), settings)
+
+
+async def _print(consumer: Any, settings: Settings, *, raw: bool, limit: int) -> None:
     await consumer.start()
     seen = 0
     try:

@@ -22,6 +22,8 @@ from typing import Any
 
 from chunkfold.audit.database import DatabaseUrlError, connect, database_errors, redact
 from chunkfold.audit.store import AuditStore, SchemaTooNew, SourceRecord
+from chunkfold.config import Settings
+from chunkfold.kafka_io import KafkaClients
 
 log = logging.getLogger("chunkfold.audit")
 
@@ -34,15 +36,15 @@ a record (tests inject a crash there; production passes none)."""
 @dataclass(frozen=True, slots=True)
 class SinkConfig:
     """What ``chunkfold audit-sink`` was told: the database URL, the group, the topic and batch
-    size, and the Kafka settings used to create the topic when it is missing."""
+    size, the settings (used to create the topic when it is missing and allowed to, and to
+    describe a Kafka failure) and the clients they make."""
 
     database: str
     group: str
     topic: str
     batch: int
-    bootstrap_servers: str
-    partitions: int
-    replication_factor: int
+    settings: Settings
+    kafka: KafkaClients
 
 
 def _rebalance_listener(sink: AuditSink) -> Any:
@@ -128,15 +130,17 @@ class AuditSink:
             log.warning("Kafka offset commit failed (%s); the database holds the offsets", exc)
 
     async def run(self) -> None:
-        from aiokafka import AIOKafkaConsumer
         from aiokafka.structs import TopicPartition
 
+        from chunkfold.kafka_checks import require_topics
         from chunkfold.kafka_io import ensure_topics
 
         cfg = self.config
-        await ensure_topics(cfg.bootstrap_servers, [cfg.topic], cfg.partitions, cfg.replication_factor)
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=cfg.bootstrap_servers,
+        s = cfg.settings
+        if s.create_topics:
+            await ensure_topics(cfg.kafka, [cfg.topic], s.partitions, s.replication_factor)
+        await require_topics(cfg.kafka, {cfg.topic: ["READ", "DESCRIBE"]}, create_topics=s.create_topics)
+        self.consumer = cfg.kafka.consumer(
             group_id=cfg.group,
             client_id="chunkfold-audit-sink",
             enable_auto_commit=False,
@@ -223,13 +227,19 @@ async def _serve(config: SinkConfig, after_database_commit: DatabaseCommitHook |
 
 def run(config: SinkConfig, after_database_commit: DatabaseCommitHook | None = None) -> int:
     """Migrate the database, then store the done topic until SIGTERM or SIGINT; the exit status:
-    0 after a clean stop, 2 for a database URL or schema this sink cannot use, 1 on a Kafka or
+    0 after a clean stop, 2 for a database URL or schema this sink cannot use, 3 when Kafka
+    refuses it (authentication, an ACL, the topic missing: one line), 1 on a Kafka or
     database error (nothing of the failed batch is committed anywhere: a restart takes it up
     again)."""
     from aiokafka.errors import KafkaError
 
+    from chunkfold.kafka_checks import StartupError, guarded
+
     try:
-        asyncio.run(_serve(config, after_database_commit))
+        asyncio.run(guarded(_serve(config, after_database_commit), config.kafka, config.settings))
+    except StartupError as exc:
+        print(f"chunkfold audit-sink: {exc}", file=sys.stderr)
+        return 3
     except DatabaseUrlError as exc:
         print(f"chunkfold audit-sink: {exc}", file=sys.stderr)
         return 2

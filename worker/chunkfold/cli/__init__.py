@@ -2,7 +2,9 @@
 
 Each command is a module of this package with ``register(subcommands)``; the options they
 share are defined once in ``chunkfold.cli.options``. Bad input (arguments, files, or a
-``CHUNKFOLD_`` variable) ends a command with one line on stderr and exit status 2, never a traceback.
+``CHUNKFOLD_`` variable) ends a command with one line on stderr and exit status 2, never a traceback;
+a Kafka cluster it cannot use (unreachable, authentication or an ACL refused, topics missing or
+wrong: ``chunkfold.kafka_checks.StartupError``) with one line and exit status 3.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ from collections.abc import Sequence
 from chunkfold.cli.options import UsageError
 from chunkfold.config import SettingsError, check_environment
 from chunkfold.core.inputs import InputError
+from chunkfold.kafka_checks import StartupError
 
 # relative: inside its own __init__, mypy finds the package's submodules only so
 from . import audit_sink, produce, replay, tail, worker
+
+STARTUP_FAILED = 3
+"""Exit status when the Kafka cluster refuses or lacks what a command needs."""
 
 COMMANDS = (replay, worker, produce, tail, audit_sink)
 """In the order ``chunkfold --help`` lists them. Every dependency of these is declared: an
@@ -41,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, InputError, SettingsError) as exc:
         print(f"chunkfold {args.command}: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"chunkfold {args.command}: {exc}", file=sys.stderr)
+        return STARTUP_FAILED
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

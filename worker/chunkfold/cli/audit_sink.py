@@ -11,6 +11,7 @@ from chunkfold.audit import sink
 from chunkfold.audit.sink import SinkConfig
 from chunkfold.cli import options
 from chunkfold.cli.options import Subcommands, UsageError
+from chunkfold.kafka_io import KafkaClients
 from chunkfold.logs import logging_config
 
 DEFAULT_DATABASE = "sqlite:///.cache/audit.sqlite3"
@@ -53,9 +54,8 @@ def sink_config(args: argparse.Namespace) -> SinkConfig:
         group=args.group,
         topic=settings.done_topic,
         batch=args.batch,
-        bootstrap_servers=settings.bootstrap_servers,
-        partitions=settings.partitions,
-        replication_factor=settings.replication_factor,
+        settings=settings,
+        kafka=KafkaClients.of(settings),
     )
 
 

@@ -1,6 +1,7 @@
 """``chunkfold worker``: run a worker of the consumer group with settings from the environment and flags.
 
-Checks the settings, configures logging, prepares the topics, then hands over to the chosen
+Checks the settings, configures logging, prepares and checks the topics and the cluster's ACLs
+(``chunkfold.kafka_checks``), then hands over to the chosen
 driver: ``chunkfold.drivers.direct.run`` or ``chunkfold.drivers.faust.create_app``. Drivers are
 imported only when chosen (the Faust one needs the optional ``chunkfold[faust]`` extra).
 """
@@ -14,7 +15,7 @@ import sys
 from typing import get_args
 
 from chunkfold.cli import options
-from chunkfold.config import Driver, ProcessingGuarantee, Settings
+from chunkfold.config import Driver, ProcessingGuarantee
 
 
 def register(subcommands: options.Subcommands) -> None:
@@ -47,23 +48,6 @@ def register(subcommands: options.Subcommands) -> None:
     p.set_defaults(func=run_worker)
 
 
-async def _prepare_topics(settings: Settings) -> None:
-    """Create missing topics (the outputs with a deliberate ``max.message.bytes``); each driver
-    then reads the limits of the topics it writes (the direct driver its changelog's too)."""
-    from chunkfold.kafka_io import ensure_topics
-
-    s = settings
-    outputs = (s.events_topic, s.done_topic, s.deadletter_topic)
-    await ensure_topics(s.bootstrap_servers, [s.input_topic], s.partitions, s.replication_factor)
-    await ensure_topics(
-        s.bootstrap_servers,
-        outputs,
-        s.partitions,
-        s.replication_factor,
-        configs={"max.message.bytes": str(s.max_message_bytes)},
-    )
-
-
 def run_worker(args: argparse.Namespace) -> int:
     from chunkfold.logs import logging_config
 
@@ -86,18 +70,25 @@ def run_worker(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+    from chunkfold.kafka_checks import guarded, prepare_worker_topics
+    from chunkfold.kafka_io import KafkaClients, record_limits
+    from chunkfold.state.changelog import changelog_topic
+
+    kafka = KafkaClients.of(settings)
     config = logging_config(args.loglevel, args.log_format)
     logging.config.dictConfig(config)
-    asyncio.run(_prepare_topics(settings))
+    # Before anything is consumed: topics created (unless CHUNKFOLD_CREATE_TOPICS=false) and
+    # checked, ACLs and the changelog too; a failure is a StartupError (one line, exit 3), and
+    # the worker never reports ready.
+    changelog = changelog_topic(settings)
+    asyncio.run(guarded(prepare_worker_topics(kafka, settings, changelog), kafka, settings))
     if settings.driver == "direct":
         from chunkfold.drivers import direct
 
-        return direct.run(settings)
-    from chunkfold.kafka_io import record_limits
-
+        return direct.run(settings, kafka)
     app, processor = create_app(settings)
     cap = settings.max_message_bytes
-    processor.limits.update(asyncio.run(record_limits(settings.bootstrap_servers, processor.limits, cap)))
+    processor.limits.update(asyncio.run(record_limits(kafka, processor.limits, cap)))
     from faust.worker import Worker
 
     worker = Worker(app, loglevel=args.loglevel, quiet=True, logging_config=config)

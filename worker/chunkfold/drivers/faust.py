@@ -21,6 +21,7 @@ from faust.types import TP
 
 from chunkfold.config import Settings
 from chunkfold.drivers import PRODUCER_LINGER_MS
+from chunkfold.kafka_security import faust_options
 from chunkfold.processor import Output, Processor
 from chunkfold.state.faust_table import TableStore
 from chunkfold.web import Page, Pages
@@ -41,7 +42,8 @@ def _view(page: Callable[[], Page]) -> Callable[[Any, Any], Awaitable[Any]]:
 
 
 def create_app(settings: Settings) -> tuple[faust.App, Processor]:
-    """The Faust app of a worker and its ``Processor``."""
+    """The Faust app of a worker and its ``Processor``. Its clients authenticate as the settings
+    say (``broker_credentials``: ``chunkfold.kafka_security.faust_options``)."""
     brokers = [
         f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",") if server.strip()
     ]
@@ -77,6 +79,12 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
         # them at shutdown or rebalance would stall (the timer is stopped by then). Unacked
         # records are simply redelivered to the next owner.
         stream_wait_empty=False,
+        # Topics: with CHUNKFOLD_CREATE_TOPICS=false Faust declares none (no CreateTopics); the
+        # worker command created or checked them all before (chunkfold.kafka_checks). No leader
+        # topic (<app id>-__assignor-__leader): nothing here runs on the leader only.
+        topic_allow_declare=settings.create_topics,
+        topic_disable_leader=True,
+        **faust_options(settings),
     )
     raw: dict[str, Any] = {
         "key_type": bytes,

@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client.metrics_core import Metric
 
 from chunkfold.config import Settings
-from chunkfold.kafka_io import topic_config
+from chunkfold.kafka_io import Connection, KafkaClients, topic_config
 from chunkfold.metrics import counter
 from chunkfold.state.changelog import ChangelogStore
 
@@ -52,7 +52,7 @@ def keeps_local_state(settings: Settings) -> bool:
     return settings.store.startswith("rocksdb://")
 
 
-async def changelog_delete_retention_ms(servers: str, topic: str) -> int | None:
+async def changelog_delete_retention_ms(servers: Connection, topic: str) -> int | None:
     """The topic's ``delete.retention.ms`` as the brokers report it; None when it cannot be read."""
     value = (await topic_config(servers, [topic], "delete.retention.ms")).get(topic)
     return None if value is None else int(value)
@@ -150,7 +150,7 @@ class LocalCopy:
             self.state.close()
 
 
-async def open_local_copy(settings: Settings, changelog: str) -> LocalCopy:
+async def open_local_copy(settings: Settings, changelog: str, kafka: KafkaClients) -> LocalCopy:
     """Open the local copy, and take its checkpoints' age limit from the changelog's
     ``delete.retention.ms`` as the brokers report it (a topic created elsewhere may set its
     own; when it cannot be read, no checkpoint is trusted)."""
@@ -163,7 +163,7 @@ async def open_local_copy(settings: Settings, changelog: str) -> LocalCopy:
 
     path = local_state_path(settings)
     state = LocalState(path)
-    retention_ms = await changelog_delete_retention_ms(settings.bootstrap_servers, changelog)
+    retention_ms = await changelog_delete_retention_ms(kafka, changelog)
     if retention_ms is None:
         log.warning(
             "could not read delete.retention.ms of %s: the local state at %s is kept but every "
@@ -187,9 +187,16 @@ class Recovery:
     is processed."""
 
     def __init__(
-        self, settings: Settings, store: ChangelogStore, changelog: str, local_copy: LocalCopy | None
+        self,
+        settings: Settings,
+        store: ChangelogStore,
+        changelog: str,
+        local_copy: LocalCopy | None,
+        kafka: KafkaClients | None = None,
     ) -> None:
         self.settings = settings
+        self.kafka = kafka
+        """Where the changelog is read (None: the settings' brokers and security)."""
         self.store = store
         self.changelog = changelog
         self.local_copy = local_copy
@@ -230,8 +237,7 @@ class Recovery:
             return
         local = self.local_copy if self.local_copy is not None and self.local_copy.state is not None else None
         self.store.drop(partitions)
-        reader = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap_servers,
+        reader = (self.kafka or KafkaClients.of(self.settings)).consumer(
             group_id=None,
             enable_auto_commit=False,
             isolation_level="read_committed",

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
+from chunkfold.kafka_io import KafkaClients
+
 TRANSACTION_TIMEOUT_MS = 60_000
 
 
@@ -31,7 +33,7 @@ class PartitionTransactions:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: KafkaClients,
         app_id: str,
         input_topic: str,
         *,
@@ -39,7 +41,7 @@ class PartitionTransactions:
         linger_ms: int,
         max_request_size: int,
     ) -> None:
-        self.bootstrap_servers = bootstrap_servers
+        self.kafka = kafka
         self.app_id = app_id
         self.input_topic = input_topic
         self.request_timeout_ms = request_timeout_ms
@@ -56,8 +58,7 @@ class PartitionTransactions:
         read back, so that nothing the previous owner left uncommitted is pending any more."""
         new = [p for p in partitions if p not in self.producers]
         producers = {
-            p: AIOKafkaProducer(
-                bootstrap_servers=self.bootstrap_servers,
+            p: self.kafka.producer(
                 transactional_id=transactional_id(self.app_id, self.input_topic, p),
                 transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
                 request_timeout_ms=self.request_timeout_ms,

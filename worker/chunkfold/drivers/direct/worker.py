@@ -40,7 +40,7 @@ from chunkfold.drivers.direct.checkpoint import (
 from chunkfold.drivers.direct.recovery import LocalCopy, Recovery, keeps_local_state, open_local_copy
 from chunkfold.drivers.direct.sender import BatchSender
 from chunkfold.drivers.direct.transactions import PartitionTransactions
-from chunkfold.kafka_io import ensure_topics, record_limits
+from chunkfold.kafka_io import KafkaClients, record_limits
 from chunkfold.metrics import Families
 from chunkfold.processor import Processor
 from chunkfold.state.changelog import ChangelogStore, changelog_topic
@@ -61,9 +61,6 @@ HAND_OVER_EVERY = 200
 PRODUCER_BATCH_BYTES = 512 * 1024
 """aiokafka keeps one open batch per partition and makes ``send`` wait while it is full, for
 a whole produce round trip; completion-done records and state segments are kilobytes each."""
-CHANGELOG_DELETE_RETENTION_MS = 86_400_000
-"""``delete.retention.ms`` of the changelog when this driver creates it (Kafka's default, set
-explicitly): compaction may remove a tombstone once it is that old."""
 
 
 class DirectWorker:
@@ -90,6 +87,9 @@ class DirectWorker:
         self.stopping = stopping
         self.lock = asyncio.Lock()
         """Held while records are processed, a checkpoint is taken or partitions change hands."""
+        self.refused: KafkaError | None = None
+        """Taking partitions over failed (an ACL denied the transactional id, the changelog):
+        the worker stops before processing any of their records."""
 
     async def consume(self) -> None:
         """Process fetched batches until ``stopping`` is set; raises ``DeliveryFailed`` when a
@@ -165,9 +165,16 @@ class DirectWorker:
     async def assign(self, partitions: list[int]) -> None:
         async with self.lock:
             new = sorted(set(partitions) - self.processor.assigned)
-            with self.recovery.in_progress():
-                await self.checkpointer.own(new)
-                await self.recovery.restore(new)
+            try:
+                with self.recovery.in_progress():
+                    await self.checkpointer.own(new)
+                    await self.recovery.restore(new)
+            except KafkaError as exc:
+                # aiokafka would log a listener's error and go on: stop instead, nothing of
+                # these partitions processed (the error is raised by ``run_worker``).
+                self.refused = exc
+                self.stopping.set()
+                return
             self.processor.assign(new)
             loaded = self.processor.scan()
         log.info("partitions assigned: %s; %d stored completions loaded", new, loaded)
@@ -198,24 +205,16 @@ def _highwater(consumer: AIOKafkaConsumer, topic: str, partition: int) -> int | 
     return None if value is None else int(value)
 
 
-async def run_worker(settings: Settings) -> DeliveryFailed | None:
+async def run_worker(settings: Settings, kafka: KafkaClients) -> DeliveryFailed | None:
     """Run one worker until SIGTERM/SIGINT (then checkpoint and leave the group) or a failed
-    checkpoint; returns that failure, if any."""
+    checkpoint; returns that failure, if any. Its topics exist and were checked
+    (``chunkfold.kafka_checks.prepare_worker_topics``); every client comes from ``kafka``. A
+    partition that cannot be taken over (an ACL) stops it before anything is processed: that
+    error is raised."""
     s = settings
     changelog = changelog_topic(s)
     outputs = (s.events_topic, s.done_topic, s.deadletter_topic)
-    await ensure_topics(
-        s.bootstrap_servers,
-        [changelog],
-        s.partitions,
-        s.replication_factor,
-        configs={
-            "cleanup.policy": "compact",
-            "delete.retention.ms": str(CHANGELOG_DELETE_RETENTION_MS),
-            "max.message.bytes": str(s.max_message_bytes),
-        },
-    )
-    limits = await record_limits(s.bootstrap_servers, [*outputs, changelog], s.max_message_bytes)
+    limits = await record_limits(kafka, [*outputs, changelog], s.max_message_bytes)
     # A batch of several records must fit the smallest topic too (one record always fits:
     # the processor cuts each value to its topic's limit, and a batch takes a first record
     # whatever its size).
@@ -225,21 +224,19 @@ async def run_worker(settings: Settings) -> DeliveryFailed | None:
     if exactly_once and keeps_local_state(s):
         log.warning("exactly_once keeps no local state copy: assignments read the whole changelog")
     elif keeps_local_state(s):
-        local_copy = await open_local_copy(s, changelog)
+        local_copy = await open_local_copy(s, changelog, kafka)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    producer = AIOKafkaProducer(
-        bootstrap_servers=s.bootstrap_servers,
+    producer: AIOKafkaProducer = kafka.producer(
         acks="all",
         linger_ms=PRODUCER_LINGER_MS,
         request_timeout_ms=PRODUCER_REQUEST_TIMEOUT_MS,
         max_batch_size=batch_bytes,
         max_request_size=s.max_message_bytes,
     )
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=s.bootstrap_servers,
+    consumer: AIOKafkaConsumer = kafka.consumer(
         group_id=s.app_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -250,7 +247,7 @@ async def run_worker(settings: Settings) -> DeliveryFailed | None:
     store = ChangelogStore()
     processor = Processor(s, store, highwater=lambda p: _highwater(consumer, s.input_topic, p))
     processor.limits.update((topic, limits[topic]) for topic in outputs)
-    recovery = Recovery(s, store, changelog, local_copy)
+    recovery = Recovery(s, store, changelog, local_copy, kafka)
     processor.registry.register(Families(recovery.metric_families))
     web_runner = await serve_web(s, processor, recovery) if s.web_port > 0 else None
     await producer.start()
@@ -259,7 +256,7 @@ async def run_worker(settings: Settings) -> DeliveryFailed | None:
     checkpointer: Checkpointer
     if exactly_once:
         transactions = PartitionTransactions(
-            s.bootstrap_servers,
+            kafka,
             s.app_id,
             s.input_topic,
             request_timeout_ms=PRODUCER_REQUEST_TIMEOUT_MS,
@@ -294,4 +291,6 @@ async def run_worker(settings: Settings) -> DeliveryFailed | None:
         if web_runner is not None:
             await web_runner.cleanup()
         log.info("worker stopped")
+    if worker.refused is not None:
+        raise worker.refused
     return checkpointer.failure
