@@ -158,13 +158,14 @@ def test_the_manifests_are_the_expected_objects() -> None:
         "StatefulSet": "apps/v1",
         "PodDisruptionBudget": "policy/v1",
         "ScaledObject": "keda.sh/v1alpha1",
+        "Secret": "v1",
     }
-    for doc in manifests().values():
-        assert doc["metadata"]["name"] == "chunkfold"
+    for kind, doc in manifests().items():
+        assert doc["metadata"]["name"] == ("chunkfold-kafka" if kind == "Secret" else "chunkfold")
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("kind", ["ConfigMap", "Service", "StatefulSet", "PodDisruptionBudget"])
+@pytest.mark.parametrize("kind", ["ConfigMap", "Service", "StatefulSet", "PodDisruptionBudget", "Secret"])
 def test_core_objects_validate_against_the_kubernetes_schemas(kind: str, version: str) -> None:
     validate_core(manifests()[kind], version)
 
@@ -270,6 +271,28 @@ def test_configmap_holds_worker_settings(monkeypatch: pytest.MonkeyPatch) -> Non
     assert settings.data_dir == "/data"
     assert settings.app_id == Settings().app_id
     assert settings.bootstrap_servers
+
+
+def test_kafka_credentials_are_secret_files_the_settings_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ConfigMap's security settings name files of the mounted Secret; no secret is a
+    ConfigMap value or an environment variable."""
+    objects = manifests()
+    secret, sts = objects["Secret"], objects["StatefulSet"]
+    settings = settings_from(configmap_env(), monkeypatch)
+    assert settings.security_protocol == "SASL_SSL" and settings.ssl_check_hostname
+    assert settings.sasl_password is None and settings.create_topics is False
+    [container] = sts["spec"]["template"]["spec"]["containers"]
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    [mount] = [m for m in container["volumeMounts"] if "secret" in volumes.get(m["name"], {})]
+    assert mount["readOnly"] is True
+    assert volumes[mount["name"]]["secret"]["secretName"] == secret["metadata"]["name"]
+    assert "env" not in container, "settings come from the ConfigMap, secrets from files"
+    keys = set(secret["stringData"])
+    named = [settings.ssl_cafile, settings.sasl_password_file, settings.ssl_certfile, settings.ssl_keyfile]
+    for path in filter(None, named):
+        directory, _, key = path.rpartition("/")
+        assert directory == mount["mountPath"] and key in keys, path
+    assert not {k for k in configmap_env() if "PASSWORD" in k and not k.endswith("_FILE")}
 
 
 # -- KEDA ScaledObject ---------------------------------------------------------------------------
