@@ -406,3 +406,23 @@ def test_a_wrong_changelog_is_refused(
     assert code == STARTUP_FAILED
     changelog = f"{s.app_id}-state-changelog"
     assert line.startswith(f"chunkfold worker: changelog {changelog} {want.format(input=s.input_topic)}")
+
+
+def test_exactly_once_without_the_transactional_id_acl_stops_before_processing(secured: Secured) -> None:
+    """The transactional ids cannot be asked about: the first InitProducerId (when partitions
+    are assigned, before any record is processed) is refused, and the worker stops with the line."""
+    s = secured.settings("worker", processing_guarantee="exactly_once", create_topics=False)
+    admin = secured.as_user(s, "admin")
+    create_topics(admin)
+    secured.grant([acl for acl in worker_acls(s, "worker") if acl[1] != "TRANSACTIONAL_ID"])
+    records, _ = recorded_records()
+    asyncio.run(publish(admin, records))
+    code, line = failing_worker(s)
+    assert code == STARTUP_FAILED
+    assert line == (
+        f"chunkfold worker: not authorized: the ACLs deny WRITE on transactional id "
+        f"{s.app_id}-{s.input_topic}-* (exactly_once: a PREFIXED ACL on that transactional id prefix)"
+    )
+    outputs = [s.events_topic, s.done_topic, s.deadletter_topic, f"{s.app_id}-state-changelog"]
+    assert end_offsets(admin, outputs) == 0, "nothing written"
+    assert committed_offsets(admin) == {}, "nothing consumed"
