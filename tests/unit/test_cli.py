@@ -49,8 +49,8 @@ def test_crlf_sse_capture_replays_like_lf(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
-        ("data: {not json\n\n", "line 1: not JSON"),
-        ("data: [1, 2]\n\n", "line 1: expected a JSON object, got list"),
+        ("data: {not json\n\n", "line 1: invalid_json: "),
+        ("data: [1, 2]\n\n", "line 1: not_an_object: chunk value must be a JSON object"),
         (
             jsonl({"id": "x", "choices": [{"index": "0", "delta": {}}]}),
             "choice.index must be a non-negative integer",
@@ -65,7 +65,7 @@ def test_crlf_sse_capture_replays_like_lf(tmp_path: Path) -> None:
 )
 def test_bad_input_is_one_line_on_stderr_and_exit_2(tmp_path: Path, text: str, reason: str) -> None:
     for fmt in ("kafka", "sdk"):
-        proc = run_replay(tmp_path, text, "--format", fmt)
+        proc = run_replay(tmp_path, text, "--format", fmt, *(["--strict"] if fmt == "kafka" else []))
         assert proc.returncode == 2
         assert proc.stdout == b""
         err = proc.stderr.decode()

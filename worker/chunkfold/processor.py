@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 from prometheus_client.metrics_core import Metric
 
 from chunkfold.config import Settings
-from chunkfold.core import codec, engine, fit, outputs
+from chunkfold.core import engine, fit, outputs
 from chunkfold.core.persist import CorruptState, Cursor, completion_of, delete_writes, flush_writes, restore
 from chunkfold.core.records import MAX_KEY_BYTES, InvalidRecord, RecordKind, decode_record
 from chunkfold.core.state import AnyState, ClosedCompletion, CompletionState, StateVersionError
@@ -338,19 +338,17 @@ class Processor:
 
     def _fitted(self, topic: str, key: bytes, value: dict[str, Any]) -> bytes:
         """``value``'s JSON, cut to fit ``topic`` when it is larger than the topic accepts."""
-        data = codec.dumps(value)
-        budget = fit.value_budget(self.limits[topic], key)
-        if len(data) <= budget:
-            return data
-        self.stats.truncated[topic] = self.stats.truncated.get(topic, 0) + 1
-        log.warning(
-            "output cut to fit %s (%d bytes, budget %d)",
-            topic,
-            len(data),
-            budget,
-            extra={"completion_id": value.get("completion_id")},
-        )
-        return fit.fit(value, budget)
+        data, whole = fit.encode(value, self.limits[topic], key)
+        if whole > len(data):
+            self.stats.truncated[topic] = self.stats.truncated.get(topic, 0) + 1
+            log.warning(
+                "output cut to fit %s (%d bytes, kept %d)",
+                topic,
+                whole,
+                len(data),
+                extra={"completion_id": value.get("completion_id")},
+            )
+        return data
 
     def _deadletter(self, exc: InvalidRecord, received: Received) -> Output:
         partition, offset, key, value, headers, timestamp_ms = received

@@ -1,33 +1,75 @@
-"""``chunkfold replay``: the engine over a capture file, with no Kafka."""
+"""``chunkfold replay``: the engine over a capture, with no Kafka, read as it comes.
+
+Memory is bounded by the open completions, not by the input: frames are read one at a time
+(``inputs``), a finished completion leaves only its tombstone, and tombstones beyond
+``MAX_TOMBSTONES`` are dropped oldest first (the worker drops them after
+``CHUNKFOLD_TOMBSTONE_S`` of stream time; a capture has no clock).
+"""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from chunkfold.core import codec, completion, engine, outputs
-from chunkfold.core.inputs import Frame, InputError, frames_to_keys, iter_frames
-from chunkfold.core.records import InputRecord, InvalidRecord, RecordKind, make_record
-from chunkfold.core.state import AnyState, CompletionState
+import jiter
+
+from chunkfold.core import codec, completion, engine, fit, outputs
+from chunkfold.core.inputs import Frame, InputError, Lines, frames_to_keys, iter_frames
+from chunkfold.core.records import (
+    KIND_HEADER,
+    SEQ_HEADER,
+    InputRecord,
+    InvalidRecord,
+    RecordKind,
+    make_record,
+)
+from chunkfold.core.state import AnyState, ClosedCompletion, CompletionState
 
 if TYPE_CHECKING:
     # for annotations only: pydantic-settings imports asyncio, and replay stays free of I/O
     # modules like the core (tests/unit/test_purity.py)
     from chunkfold.config import Settings
 
+MAX_TOMBSTONES = 100_000
+"""Finished completions whose tombstones replay keeps (to recognise records after their end)."""
 
-def replay_sdk(text: str, request: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
+
+class Published(NamedTuple):
+    """One record the worker would publish: its topic, key and value (the value's JSON, cut to
+    fit the topic as the worker cuts it)."""
+
+    topic: str
+    key: str
+    value: bytes
+
+
+@dataclass(slots=True)
+class ReplayCounts:
+    """What a replay read and published, for its summary line."""
+
+    records: int = 0
+    completions: int = 0
+    events: int = 0
+    deadletters: dict[str, int] = field(default_factory=dict)
+
+
+def replay_sdk(source: Lines, request: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
     """What openai-python's ``ChatCompletionStreamState`` gives for one completion: its events
-    (without ``chunk`` events), then ``{"type": "completion"}`` or ``{"type": "error"}``."""
-    keyed = list(frames_to_keys(iter_frames(text)))
-    keys = {key for key, frame in keyed if frame.kind is RecordKind.CHUNK and frame.payload.get("id")}
-    if len(keys) > 1:
-        raise InputError(f"--format sdk takes one completion; the input holds {len(keys)}")
-    completion_id = next(iter(keys), "")
+    (without ``chunk`` events), then ``{"type": "completion"}`` or ``{"type": "error"}``.
+    An input that holds a second completion raises ``InputError`` when it gets there."""
+    completion_id: str | None = None
     state: AnyState | None = None
-    if request is not None:
-        state = _fold(state, completion_id, Frame(0, RecordKind.REQUEST, request), engine.SDK_OPTIONS).state
-    for _, frame in keyed:
+    for key, frame in frames_to_keys(iter_frames(source)):
+        if completion_id is None:
+            completion_id = key
+            if request is not None:
+                state = _fold(state, key, Frame(0, RecordKind.REQUEST, request), engine.SDK_OPTIONS).state
+        elif key != completion_id and key:
+            raise InputError(
+                f"line {frame.line}: --format sdk takes one completion; this is another ({key!r})"
+            )
         if frame.kind is RecordKind.DONE:
             break
         if frame.kind is not RecordKind.CHUNK:
@@ -49,40 +91,126 @@ def replay_sdk(text: str, request: dict[str, Any] | None) -> Iterator[dict[str, 
     )
 
 
-def replay_kafka(text: str, request: dict[str, Any] | None, settings: Settings) -> Iterator[dict[str, Any]]:
-    """``{"topic", "key", "value"}`` for every record the worker would publish for this input.
+def replay_kafka(
+    source: Lines, request: dict[str, Any] | None, settings: Settings, *, strict: bool = True
+) -> Iterator[dict[str, Any]]:
+    """``{"topic", "key", "value"}`` for every record the worker would publish for this input,
+    the value as plain JSON (see ``published``)."""
+    for record in published(source, request, settings, strict=strict):
+        yield {"topic": record.topic, "key": record.key, "value": jiter.from_json(record.value)}
 
-    The end of the input ends every completion still open, as ``[DONE]`` would.
-    """
+
+def published(
+    source: Lines,
+    request: dict[str, Any] | None,
+    settings: Settings,
+    *,
+    strict: bool = True,
+    counts: ReplayCounts | None = None,
+) -> Iterator[Published]:
+    """Every record the worker would publish for this input, in order. The end of the input
+    ends every completion still open, as ``[DONE]`` would.
+
+    A record the worker would dead-letter raises ``InputError`` when ``strict``; otherwise it
+    is published to the dead-letter topic as the worker would (the source's ``offset`` is its
+    line, ``partition`` and ``timestamp_ms`` null) and the replay goes on."""
     options = engine.FoldOptions(snapshots=settings.snapshots, partial_parse=settings.partial_parse)
+    counts = counts if counts is not None else ReplayCounts()
     states: dict[str, AnyState] = {}
-    for key, frame in frames_to_keys(iter_frames(text)):
-        if key not in states and request is not None and frame.kind is not RecordKind.REQUEST:
-            states[key] = _fold(None, key, Frame(0, RecordKind.REQUEST, request), options).state  # type: ignore[assignment]
-        result = _fold(states.get(key), key, frame, options)
-        yield from _published(key, result, settings)
-        if result.state is not None:
-            states[key] = result.state
+    closed: deque[str] = deque()
+    limit = settings.max_message_bytes
+    for key, frame in frames_to_keys(iter_frames(source, strict=strict)):
+        counts.records += 1
+        state = states.get(key)
+        outcome: engine.FoldResult | InvalidRecord
+        if frame.problem is not None:
+            outcome = frame.problem
+        else:
+            if state is None and request is not None and frame.kind is not RecordKind.REQUEST:
+                state = states[key] = _fold(None, key, Frame(0, RecordKind.REQUEST, request), options).state  # type: ignore[assignment]
+                counts.completions += 1
+            outcome = _try_fold(state, key, frame, options)
+        if isinstance(outcome, InvalidRecord):
+            if strict:
+                raise InputError(f"line {frame.line}: {outcome}")
+            counts.deadletters[outcome.reason] = counts.deadletters.get(outcome.reason, 0) + 1
+            yield _deadletter(outcome, key, frame, settings)
+            continue
+        if state is None and outcome.state is not None:
+            counts.completions += 1
+        yield from _outputs(key, outcome, settings, limit, counts)
+        if outcome.state is None:
+            states.pop(key, None)
+            continue
+        states[key] = outcome.state
+        if isinstance(outcome.state, ClosedCompletion) and not isinstance(state, ClosedCompletion):
+            closed.append(key)
+            if len(closed) > MAX_TOMBSTONES:
+                states.pop(closed.popleft(), None)
     for key, state in states.items():
         if isinstance(state, CompletionState):
-            yield from _published(
-                key, engine.fold(state, key, InputRecord(RecordKind.DONE), options), settings
-            )
+            end = engine.fold(state, key, InputRecord(RecordKind.DONE), options)
+            yield from _outputs(key, end, settings, limit, counts)
 
 
-def _published(key: str, result: engine.FoldResult, settings: Settings) -> Iterator[dict[str, Any]]:
-    """Plain JSON values (the engine's embedded logprob JSON parsed), exactly what the worker
-    publishes once decoded."""
+def _outputs(
+    key: str, result: engine.FoldResult, settings: Settings, limit: int, counts: ReplayCounts
+) -> Iterator[Published]:
+    """The records of one fold, each value's JSON cut to fit as the worker cuts it
+    (``fit.encode``; the size check is inlined for the events, one per chunk)."""
+    raw_key = key.encode("utf-8")
+    budget = fit.value_budget(limit, raw_key)
+    topic, dumps, event_value = settings.events_topic, codec.dumps, outputs.event_value
     for event in result.events:
-        value = outputs.event_value(key, event)
-        yield {"topic": settings.events_topic, "key": key, "value": codec.plain(value)}
+        value = event_value(key, event)
+        data = dumps(value)
+        yield Published(topic, key, data if len(data) <= budget else fit.fit(value, budget))
+    counts.events += len(result.events)
     if result.done is not None:
-        yield {"topic": settings.done_topic, "key": key, "value": codec.plain(result.done)}
+        yield Published(settings.done_topic, key, fit.encode(result.done, limit, raw_key)[0])
 
 
-def _fold(state: AnyState | None, key: str, frame: Frame, options: engine.FoldOptions) -> engine.FoldResult:
+def _deadletter(problem: InvalidRecord, key: str, frame: Frame, settings: Settings) -> Published:
+    """The dead letter the worker would publish for ``frame``, read as a gateway publishes it
+    (an envelope's value and headers, else the record's text)."""
+    headers: list[tuple[str, bytes]] = []
+    if frame.key is not None or frame.seq is not None:  # an envelope
+        if frame.kind is not RecordKind.CHUNK and frame.kind is not RecordKind.DONE:
+            headers.append((KIND_HEADER, frame.kind.value.encode()))
+        if frame.seq is not None:
+            headers.append((SEQ_HEADER, str(frame.seq).encode()))
+        value = b"[DONE]" if frame.kind is RecordKind.DONE else codec.dumps(frame.payload)
+    else:
+        value = frame.text.encode("utf-8")
+    raw_key = key.encode("utf-8")
+    dead = outputs.deadletter_value(
+        reason=problem.reason,
+        detail=problem.detail,
+        key=raw_key,
+        value=value,
+        headers=headers,
+        topic=settings.input_topic,
+        partition=None,
+        offset=frame.line,
+        timestamp_ms=None,
+    )
+    return Published(settings.deadletter_topic, key, fit.encode(dead, settings.max_message_bytes, raw_key)[0])
+
+
+def _try_fold(
+    state: AnyState | None, key: str, frame: Frame, options: engine.FoldOptions
+) -> engine.FoldResult | InvalidRecord:
+    """The fold of ``frame``, or why the worker would dead-letter it (the state is untouched)."""
     try:
         record = make_record(key, frame.kind, frame.payload, offset=frame.line, seq=frame.seq)
         return engine.fold(state, key, record, options)
     except InvalidRecord as exc:
-        raise InputError(f"line {frame.line}: {exc}") from None
+        return exc
+
+
+def _fold(state: AnyState | None, key: str, frame: Frame, options: engine.FoldOptions) -> engine.FoldResult:
+    """The fold of ``frame``; a record the worker would dead-letter is an ``InputError``."""
+    outcome = _try_fold(state, key, frame, options)
+    if isinstance(outcome, InvalidRecord):
+        raise InputError(f"line {frame.line}: {outcome}")
+    return outcome

@@ -47,6 +47,17 @@ def value_budget(limit: int, key: bytes) -> int:
     return limit - len(key) - RECORD_OVERHEAD_BYTES
 
 
+def encode(value: dict[str, Any], limit: int, key: bytes) -> tuple[bytes, int]:
+    """``value`` as the JSON of a record keyed ``key`` on a topic whose records may be ``limit``
+    bytes (cut to fit when larger), and the size of its whole JSON: larger than the bytes
+    returned when it was cut. The one encoding of every output, the worker's and replay's."""
+    data = codec.dumps(value)
+    budget = value_budget(limit, key)
+    if len(data) <= budget:
+        return data, len(data)
+    return fit(value, budget), len(data)
+
+
 def fit(value: dict[str, Any], budget: int) -> bytes:
     """``value`` as JSON bytes of at most ``budget`` bytes (see the module docstring). Raises
     ``ValueError`` only when even its ``ESSENTIAL_KEYS`` exceed the budget."""

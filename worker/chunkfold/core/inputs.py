@@ -22,23 +22,32 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from itertools import chain
+from typing import Any, NamedTuple
 
 from chunkfold.core import codec
-from chunkfold.core.records import RecordKind
+from chunkfold.core.records import InvalidRecord, RecordKind
 
 _LINE_END = re.compile(r"\r\n|\r|\n")
 _SSE_FIELD = re.compile(r"^(data|event|id|retry)(:|$)")
+_CHUNK, _DONE = RecordKind.CHUNK, RecordKind.DONE
+
+Lines = str | Iterable[str]
+"""A whole capture as one string, or its lines (without or with their line ends, as a text
+file iterates them with universal newlines): either way nothing here holds more than a line,
+an SSE event or the frames waiting for their completion's id."""
 
 
 class InputError(ValueError):
     """Malformed input; the message is one line and names the place (``line N``)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
     """One input record: ``key`` None means "the completion of the chunk" (its ``id``, or the
-    first id of its SSE ``stream``: the streams of a response are numbered from 0)."""
+    first id of its SSE ``stream``: the streams of a response are numbered from 0). ``raw`` is
+    the record's text as the input had it (the ``data`` of an SSE event, a JSON Lines line).
+    ``problem``: why the record cannot be read (only when the reader is not ``strict``); its
+    payload is then None, and a worker would dead-letter it with that reason."""
 
     line: int
     kind: RecordKind
@@ -46,15 +55,36 @@ class Frame:
     key: str | None = None
     seq: int | None = None
     stream: int | None = None
+    raw: str = ""
+    problem: InvalidRecord | None = None
+
+    @property
+    def text(self) -> str:
+        """``raw`` without the line end a JSON Lines line may keep."""
+        return self.raw.rstrip("\r\n")
+
+
+def split_lines(source: Lines) -> Iterator[str]:
+    """The lines of ``source`` without their line ends (CR, LF or CRLF) and without a BOM."""
+    lines = _LINE_END.split(source) if isinstance(source, str) else source
+    first = True
+    for line in lines:
+        if first:
+            line = line.lstrip("\ufeff")
+            first = False
+        yield line.rstrip("\r\n") if line.endswith(("\n", "\r")) else line
 
 
 def detect_format(text: str) -> str:
     """``"sse"`` when the first meaningful line is an SSE field or comment, else ``"jsonl"``."""
-    for line in _LINE_END.split(text.lstrip("\ufeff")):
-        if not line.strip():
-            continue
-        return "sse" if line.startswith(":") or _SSE_FIELD.match(line) else "jsonl"
+    for line in split_lines(text):
+        if line.strip():
+            return _format_of(line)
     return "jsonl"
+
+
+def _format_of(line: str) -> str:
+    return "sse" if line.startswith(":") or _SSE_FIELD.match(line) else "jsonl"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +96,12 @@ class SseEvent:
     event: str = ""
 
 
-def iter_sse_events(text: str) -> Iterator[SseEvent]:
+def iter_sse_events(source: Lines, first_number: int = 1) -> Iterator[SseEvent]:
     """Every event a blank line dispatches; an event without ``data`` is none (the spec)."""
     data: list[str] = []
     event = ""
     first_line = 0
-    for number, line in enumerate(_LINE_END.split(text.lstrip("\ufeff")), start=1):
+    for number, line in enumerate(split_lines(source), start=first_number):
         if not line:
             if data:
                 yield SseEvent(first_line, "\n".join(data), event)
@@ -90,43 +120,82 @@ def iter_sse_events(text: str) -> Iterator[SseEvent]:
             event = value
 
 
-def _payload_frame(line: int, raw: str) -> Frame:
-    if raw.strip() == "[DONE]":
-        return Frame(line, RecordKind.DONE, None)
-    try:
-        payload = codec.loads(raw)
-    except codec.DecodeError as exc:
-        raise InputError(f"line {line}: not JSON ({exc})") from None
-    if not isinstance(payload, dict):
-        raise InputError(f"line {line}: expected a JSON object, got {type(payload).__name__}")
-    return Frame(line, RecordKind.CHUNK, payload)
-
-
-def iter_frames(text: str) -> Iterator[Frame]:
-    """Frames of an SSE or JSON Lines capture.
+def iter_frames(source: Lines, *, strict: bool = True) -> Iterator[Frame]:
+    """Frames of an SSE or JSON Lines capture, read as they come (the format is told by the
+    first meaningful line).
 
     A JSON Lines line is a chunk object, ``[DONE]``, or an envelope
-    ``{"kind": "chunk|request|done|abort", "key": ..., "value": ..., "seq": ...}``.
+    ``{"kind": "chunk|request|done|abort", "key": ..., "value": ..., "seq": ...}``. A record
+    that cannot be read raises ``InputError`` when ``strict``; otherwise it is a frame with a
+    ``problem`` (the reason the worker would dead-letter it for), and reading goes on.
     """
-    if detect_format(text) == "sse":
-        stream = 0
-        for event in iter_sse_events(text):
-            frame = (
-                _error_event_frame(event)
-                if event.event == "error"
-                else _payload_frame(event.line, event.data)
-            )
-            yield Frame(frame.line, frame.kind, frame.payload, stream=stream)
-            if frame.kind is RecordKind.DONE:
-                stream += 1
+    # JSON Lines need no line ends split off (JSON ignores them): only SSE gets split_lines
+    lines = iter(_LINE_END.split(source) if isinstance(source, str) else source)
+    number = 0
+    for line in lines:
+        number += 1
+        if number == 1:
+            line = line.lstrip("\ufeff")
+        if line.strip():
+            break
+    else:
         return
-    for number, raw in enumerate(_LINE_END.split(text.lstrip("\ufeff")), start=1):
-        if not raw.strip():
-            continue
-        frame = _payload_frame(number, raw)
-        if frame.kind is RecordKind.CHUNK and "kind" in frame.payload and "choices" not in frame.payload:
-            frame = _envelope(number, frame.payload)
-        yield frame
+    rest = chain((line,), lines)
+    if _format_of(line) == "sse":
+        yield from _sse_frames(iter_sse_events(rest, number), strict)
+    else:
+        yield from _jsonl_frames(rest, number, strict)
+
+
+def _sse_frames(events: Iterable[SseEvent], strict: bool) -> Iterator[Frame]:
+    stream = 0
+    for event in events:
+        if event.event == "error":
+            frame = _error_event_frame(event)
+        else:
+            frame = _payload_frame(event.line, event.data, strict)
+        yield frame._replace(stream=stream)
+        if frame.kind is _DONE:
+            stream += 1
+
+
+def _jsonl_frames(lines: Iterable[str], first_number: int, strict: bool) -> Iterator[Frame]:
+    """The per-line loop of a JSON Lines capture: a chunk object (most lines) is read in place,
+    with its line end if it has one (``raw`` keeps it; JSON ignores it)."""
+    loads, decode_error, chunk, new = codec.loads_raw, codec.RawDecodeError, _CHUNK, tuple.__new__
+    for number, raw in enumerate(lines, start=first_number):
+        if raw[:1] == "{":
+            try:
+                payload = loads(raw)
+            except decode_error as exc:
+                problem = InvalidRecord("invalid_json", codec.reason(exc))
+                yield _bad(number, raw.rstrip("\r\n"), problem, strict)
+                continue
+            if "kind" in payload and "choices" not in payload:
+                yield _envelope(number, payload, raw.rstrip("\r\n"), strict)
+            else:  # Frame(number, chunk, payload, raw=raw), without the NamedTuple's __new__
+                yield new(Frame, (number, chunk, payload, None, None, None, raw, None))
+        elif raw and not raw.isspace():
+            yield _payload_frame(number, raw.rstrip("\r\n"), strict)
+
+
+def _bad(line: int, raw: str, problem: InvalidRecord, strict: bool, key: str | None = None) -> Frame:
+    if strict:
+        raise InputError(f"line {line}: {problem}")
+    return Frame(line, _CHUNK, None, key=key, raw=raw, problem=problem)
+
+
+def _payload_frame(line: int, raw: str, strict: bool = True) -> Frame:
+    if raw.strip() == "[DONE]":
+        return Frame(line, _DONE, None, raw=raw)
+    try:
+        payload = codec.loads_raw(raw)
+    except codec.RawDecodeError as exc:
+        return _bad(line, raw, InvalidRecord("invalid_json", codec.reason(exc)), strict)
+    if not isinstance(payload, dict):
+        detail = "chunk value must be a JSON object"  # as the worker says it
+        return _bad(line, raw, InvalidRecord("not_an_object", detail), strict)
+    return Frame(line, _CHUNK, payload, raw=raw)
 
 
 def _error_event_frame(event: SseEvent) -> Frame:
@@ -139,22 +208,25 @@ def _error_event_frame(event: SseEvent) -> Frame:
         payload = {"message": event.data}
     if not (isinstance(payload, dict) and payload.get("error")):
         payload = {"error": payload}
-    return Frame(event.line, RecordKind.CHUNK, payload)
+    return Frame(event.line, _CHUNK, payload, raw=event.data)
 
 
-def _envelope(line: int, obj: dict[str, Any]) -> Frame:
+def _envelope(line: int, obj: dict[str, Any], raw: str, strict: bool) -> Frame:
+    key, seq, value = obj.get("key"), obj.get("seq"), obj.get("value")
+    if key is not None and not isinstance(key, str):
+        return _bad(line, raw, InvalidRecord("invalid_key", "key must be a string"), strict)
     try:
         kind = RecordKind(obj["kind"])
     except (ValueError, TypeError):
-        raise InputError(f"line {line}: unknown kind {obj['kind']!r} (chunk|request|done|abort)") from None
-    key, seq, value = obj.get("key"), obj.get("seq"), obj.get("value")
-    if key is not None and not isinstance(key, str):
-        raise InputError(f"line {line}: key must be a string")
+        detail = f"unknown kind {obj['kind']!r} (chunk|request|done|abort)"
+        return _bad(line, raw, InvalidRecord("unknown_kind", detail), strict, key)
     if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 0):
-        raise InputError(f"line {line}: seq must be a non-negative integer")
-    if kind in (RecordKind.CHUNK, RecordKind.REQUEST) and not isinstance(value, dict):
-        raise InputError(f"line {line}: the value of a {kind.value} record must be a JSON object")
-    return Frame(line, kind, value, key, seq)
+        detail = "seq must be a non-negative integer"
+        return _bad(line, raw, InvalidRecord("invalid_seq", detail), strict, key)
+    if kind in (_CHUNK, RecordKind.REQUEST) and not isinstance(value, dict):
+        detail = f"the value of a {kind.value} record must be a JSON object"
+        return _bad(line, raw, InvalidRecord("not_an_object", detail), strict, key)
+    return Frame(line, kind, value, key, seq, raw=raw)
 
 
 def read_text(data: bytes, source: str) -> str:
@@ -173,19 +245,25 @@ def frames_to_keys(frames: Iterable[Frame]) -> Iterator[tuple[str, Frame]]:
     Lines of the previous frame, or of the next one when it comes first. A stream (or input) in
     which no frame names a completion is one completion, keyed ``""``."""
     last_key: str | None = None
-    stream_keys: dict[int, str] = {}
+    stream: int | None = None  # the SSE stream being read, and its key once a chunk names it
+    stream_key: str | None = None
     waiting: list[Frame] = []
     for frame in frames:
-        if waiting and frame.stream != waiting[0].stream:  # a stream ended without any id
-            yield from (("", early) for early in waiting)
-            waiting.clear()
+        if frame.stream != stream:
+            if waiting:  # a stream ended without any id
+                yield from (("", early) for early in waiting)
+                waiting.clear()
+            stream, stream_key = frame.stream, None
         key = frame.key or None
-        if key is None and frame.kind is RecordKind.CHUNK:
+        if key is None and frame.kind is _CHUNK and frame.payload is not None:
             chunk_id = frame.payload.get("id")
             if isinstance(chunk_id, str) and chunk_id:
-                key = chunk_id if frame.stream is None else stream_keys.setdefault(frame.stream, chunk_id)
+                if stream is None:
+                    key = chunk_id
+                else:
+                    key = stream_key = stream_key or chunk_id
         if key is None:
-            key = last_key if frame.stream is None else stream_keys.get(frame.stream)
+            key = last_key if stream is None else stream_key
         if key is None:
             waiting.append(frame)
             continue
