@@ -147,7 +147,7 @@ class Collected:
         for key, value, raw in self.done:
             completion_id = key.decode()
             assert seen.setdefault(completion_id, raw) == raw, (
-                f"repeated completion-done differs for {completion_id}"
+                f"repeated completion-done differs for {completion_id}: {raw!r} vs {seen[completion_id]!r}"
             )
             out[completion_id] = value
         return out
@@ -157,7 +157,7 @@ class Collected:
         by: dict[str, dict[int, dict[str, Any]]] = {}
         for key, value in self.events:
             slot = by.setdefault(key.decode(), {})
-            assert slot.setdefault(value["seq"], value) == value, f"repeated event differs: {value}"
+            assert slot.setdefault(value["seq"], value) == value, f"repeated event differs: {value} vs {slot[value['seq']]}"
         return {k: [v[s] for s in sorted(v)] for k, v in by.items()}
 
 

@@ -34,6 +34,13 @@ from tests.prometheus import http_get, scrape
 
 pytestmark = pytest.mark.fault
 GUARANTEES = ("at_least_once", "exactly_once")
+MODES = [
+    pytest.param("direct", "at_least_once", id="direct-at_least_once"),
+    pytest.param("direct", "exactly_once", id="direct-exactly_once"),
+    pytest.param("faust", "at_least_once", id="faust-at_least_once"),
+]
+"""Driver and guarantee of the kill -9 and rebalance scenarios (the Faust driver's batched
+agent holds acknowledgements as the direct driver does: both must lose and repeat nothing)."""
 REPORT_DIR = ROOT / ".cache" / "reliability"
 METRIC_FAMILIES = (
     "chunkfold_records_in_total",
@@ -98,6 +105,8 @@ def check_and_report(
     if settings.processing_guarantee == "exactly_once":
         assert (done_repeats, event_repeats) == (0, 0), "exactly_once repeated records"
         name += " [exactly_once]"
+    if settings.driver == "faust":
+        name += " [faust]"
     write_report(
         name,
         completions=completions,
@@ -112,13 +121,13 @@ def check_and_report(
     )
 
 
-@pytest.mark.parametrize("guarantee", GUARANTEES)
+@pytest.mark.parametrize(("driver", "guarantee"), MODES)
 def test_worker_kill_9_and_restart(
-    kafka: str, tmp_path: Path, workers: list[WorkerProcess], guarantee: str
+    kafka: str, tmp_path: Path, workers: list[WorkerProcess], driver: str, guarantee: str
 ) -> None:
     """kill -9, restart; once the restarted worker owns the partitions again (the group has
     dropped the dead member), kill -9 it again and restart."""
-    settings = fresh_settings(kafka, processing_guarantee=guarantee)
+    settings = fresh_settings(kafka, driver=driver, processing_guarantee=guarantee)
     records, completions = recorded_records(repeat=24, shapes=SHAPES)
     start_workers(settings, 1, tmp_path, workers)
     producer = BackgroundProducer(settings, records, rate=1200)
@@ -138,11 +147,11 @@ def test_worker_kill_9_and_restart(
     check_and_report("worker kill -9 (x2)", settings, got, records, completions, producer, faults)
 
 
-@pytest.mark.parametrize("guarantee", GUARANTEES)
+@pytest.mark.parametrize(("driver", "guarantee"), MODES)
 def test_rebalance_1_to_3_to_1(
-    kafka: str, tmp_path: Path, workers: list[WorkerProcess], guarantee: str
+    kafka: str, tmp_path: Path, workers: list[WorkerProcess], driver: str, guarantee: str
 ) -> None:
-    settings = fresh_settings(kafka, partitions=6, processing_guarantee=guarantee)
+    settings = fresh_settings(kafka, partitions=6, driver=driver, processing_guarantee=guarantee)
     records, completions = recorded_records(repeat=16, shapes=SHAPES)
     start_workers(settings, 1, tmp_path, workers)
     producer = BackgroundProducer(settings, records, rate=700)

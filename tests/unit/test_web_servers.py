@@ -29,8 +29,9 @@ Served = tuple[list[Any], set[str]]
 @asynccontextmanager
 async def faust_server(settings: Settings) -> AsyncIterator[Served]:
     from chunkfold.drivers.faust import create_app
+    from chunkfold.drivers.partitions import KeyPartitions
 
-    app, _ = create_app(settings)
+    app, _ = create_app(settings, KeyPartitions())
     server: Any = app.web  # Faust's aiohttp driver
     server.init_server()  # what `faust worker` does before starting the web service
     await server.start_server()

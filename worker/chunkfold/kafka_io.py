@@ -126,6 +126,16 @@ async def record_limits(servers: Connection, topics: Iterable[str], cap: int) ->
     return {topic: min(cap, int(reported.get(topic, cap))) for topic in topics}
 
 
+async def partition_counts(servers: Connection, topics: Iterable[str]) -> dict[str, int]:
+    """The partition count of each of ``topics`` (which exist) as the brokers' metadata says."""
+    producer = clients(servers).producer()
+    await producer.start()
+    try:
+        return {topic: len(await producer.partitions_for(topic)) for topic in topics}
+    finally:
+        await producer.stop()
+
+
 def make_producer(servers: Connection, **options: object) -> AIOKafkaProducer:
     return clients(servers).producer(acks="all", linger_ms=5, **options)
 

@@ -70,8 +70,9 @@ def run_worker(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+    from chunkfold.drivers.partitions import KeyPartitions
     from chunkfold.kafka_checks import guarded, prepare_worker_topics
-    from chunkfold.kafka_io import KafkaClients, record_limits
+    from chunkfold.kafka_io import KafkaClients, partition_counts, record_limits
     from chunkfold.state.changelog import changelog_topic
 
     kafka = KafkaClients.of(settings)
@@ -86,7 +87,9 @@ def run_worker(args: argparse.Namespace) -> int:
         from chunkfold.drivers import direct
 
         return direct.run(settings, kafka)
-    app, processor = create_app(settings)
+    outputs = (settings.events_topic, settings.done_topic, settings.deadletter_topic)
+    partitions = KeyPartitions(asyncio.run(partition_counts(kafka, outputs)))
+    app, processor = create_app(settings, partitions)
     cap = settings.max_message_bytes
     processor.limits.update(asyncio.run(record_limits(kafka, processor.limits, cap)))
     from faust.worker import Worker

@@ -2,8 +2,10 @@
 and the web pages. The only module that imports Faust, with ``chunkfold.state.faust_table``
 (the table store, imported from here).
 
-The agent decodes nothing and decides nothing: it hands each raw record to the
-``Processor`` and sends what comes back. The timer writes state behind: it captures the
+The agent decodes nothing and decides nothing: it takes the records Faust has fetched in
+batches (``noack_take``: up to ``BATCH_MAX_RECORDS``, or what came within ``BATCH_WITHIN_S``),
+hands each raw record to the ``Processor`` and sends what comes back, each output to the
+partition its key maps to, computed once per key (``KeyPartitions``). The timer writes state behind: it captures the
 changed completions, waits until every output produced so far is delivered, writes their
 state to the table (changelog), and only then acknowledges the input records, so Faust's
 offset commit never passes a record whose outputs or state are not durable.
@@ -11,6 +13,7 @@ offset commit never passes a record whose outputs or state are not durable.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +24,7 @@ from faust.types import TP
 
 from chunkfold.config import Settings
 from chunkfold.drivers import PRODUCER_LINGER_MS
+from chunkfold.drivers.partitions import KeyPartitions
 from chunkfold.kafka_security import faust_options
 from chunkfold.processor import Output, Processor
 from chunkfold.state.faust_table import TableStore
@@ -28,6 +32,10 @@ from chunkfold.web import Page, Pages
 
 log = logging.getLogger("chunkfold.worker")
 STATE_TABLE = "state"
+BATCH_MAX_RECORDS = 500
+BATCH_WITHIN_S = 0.005
+"""A batch is what Faust has fetched, up to 500 records; at low rates a record waits at most
+5 ms for others to join it."""
 PRODUCER_BUFFER_MESSAGES = 20_000
 
 
@@ -41,9 +49,10 @@ def _view(page: Callable[[], Page]) -> Callable[[Any, Any], Awaitable[Any]]:
     return view
 
 
-def create_app(settings: Settings) -> tuple[faust.App, Processor]:
+def create_app(settings: Settings, partitions: KeyPartitions) -> tuple[faust.App, Processor]:
     """The Faust app of a worker and its ``Processor``. Its clients authenticate as the settings
-    say (``broker_credentials``: ``chunkfold.kafka_security.faust_options``)."""
+    say (``broker_credentials``: ``chunkfold.kafka_security.faust_options``); ``partitions``
+    knows the partition counts of the output topics."""
     brokers = [
         f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",") if server.strip()
     ]
@@ -79,6 +88,10 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
         # them at shutdown or rebalance would stall (the timer is stopped by then). Unacked
         # records are simply redelivered to the next owner.
         stream_wait_empty=False,
+        # A member that stops heartbeating (kill -9, a lost node) leaves the group after 10 s,
+        # as the direct driver's consumer (aiokafka's default), not Faust's 60: its partitions
+        # are not stalled for a minute.
+        broker_session_timeout=10.0,
         # Topics: with CHUNKFOLD_CREATE_TOPICS=false Faust declares none (no CreateTopics); the
         # worker command created or checked them all before (chunkfold.kafka_checks). No leader
         # topic (<app id>-__assignor-__leader): nothing here runs on the leader only.
@@ -111,16 +124,42 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
     processor = Processor(settings, TableStore(table, settings.input_topic), highwater=highwater)
     metrics = processor.stats.metrics
 
+    sending = asyncio.Lock()
+    """Held while a batch is folded and its outputs handed to the producer, and while the
+    write-behind captures changed state: a capture then covers only records whose outputs are
+    all in the producer, so the flush before their acknowledgement covers those outputs."""
+
     async def send(items: list[Output]) -> None:
+        producer_send = app.producer.send
         for item in items:
-            await app.producer.send(
-                item.topic, item.key, item.value, partition=None, timestamp=None, headers=None
+            partition = partitions(item.topic, item.key)
+            await producer_send(
+                item.topic, item.key, item.value, partition=partition, timestamp=None, headers=None
             )
 
     @app.agent(chunks, name="fold")
     async def fold(stream: Any) -> None:
-        async for event in stream.noack().events():
+        # Faust's per-record path (a wait_first per message, a send per output awaited one by
+        # one) is what limits this driver: records are taken in batches, their outputs sent
+        # together, and the events that changed no state acknowledged after those sends.
+        async for events in stream.noack_take(BATCH_MAX_RECORDS, within=BATCH_WITHIN_S):
+            async with sending:
+                await _fold_batch(events)
+
+    async def _fold_batch(events: list[Any]) -> None:
+        """Fold a batch and send its outputs; acknowledge the records that changed no state."""
+        out: list[Output] = []
+        done: list[Any] = []
+        generation, assigned = app.consumer_generation_id, processor.assigned
+        for event in events:
             message = event.message
+            if message.generation_id != generation or message.partition not in assigned:
+                # fetched before a rebalance (Faust's own stream skips these too): its
+                # partition's owner, maybe this worker again, reads it anew from the committed
+                # offset once the state is restored. Folded now, without that state, it would
+                # publish another completion. Not acknowledged: that could let the commit pass
+                # the new copy before its state is written.
+                continue
             started = time.perf_counter()
             outputs, ack_now = processor.process(
                 partition=message.partition,
@@ -132,16 +171,21 @@ def create_app(settings: Settings) -> tuple[faust.App, Processor]:
                 handle=event,
             )
             metrics.processing_latency_s.observe(time.perf_counter() - started)
-            await send(outputs)
-            if outputs and message.timestamp is not None:
-                metrics.end_to_end_latency_s.observe(max(0.0, time.time() - message.timestamp))
+            if outputs:
+                out += outputs
+                if message.timestamp is not None:
+                    metrics.end_to_end_latency_s.observe(max(0.0, time.time() - message.timestamp))
             if ack_now:
-                event.ack()
+                done.append(event)
+        await send(out)
+        for event in done:
+            event.ack()
 
     @app.timer(interval=settings.commit_interval_s, name="write_behind")  # type: ignore[untyped-decorator]
     async def write_behind() -> None:
-        await send(processor.sweep())
-        batch = processor.capture()
+        async with sending:
+            await send(processor.sweep())
+            batch = processor.capture()
         if not batch.writes and not batch.acks:
             return
         await app.producer.flush()

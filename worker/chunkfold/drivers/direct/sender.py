@@ -10,9 +10,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import murmur2
 
-PARTITION_CACHE_SIZE = 100_000
+from chunkfold.drivers.partitions import KeyPartitions
 
 
 class BatchSender:
@@ -30,8 +29,7 @@ class BatchSender:
 
     def __init__(self, producer: AIOKafkaProducer, *, tracked_topic: str | None = None) -> None:
         self.producer = producer
-        self.partition_counts: dict[str, int] = {}
-        self.partition_cache: dict[tuple[int, bytes], int] = {}
+        self.partitions = KeyPartitions()
         self.open: dict[tuple[str, int], Any] = {}
         self.new: list[tuple[tuple[str, int], Any]] = []
         """Batches opened and not yet handed over, in the order they were opened."""
@@ -50,7 +48,7 @@ class BatchSender:
 
     async def start(self, topics: Iterable[str]) -> None:
         for topic in topics:
-            self.partition_counts[topic] = len(await self.producer.partitions_for(topic))
+            self.partitions.counts[topic] = len(await self.producer.partitions_for(topic))
         self.task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
@@ -72,7 +70,7 @@ class BatchSender:
         """Append a record (``partition`` None: the key's); it is sent after the next ``kick``.
         Returns the batch it joined."""
         if partition is None:
-            partition = self._partition(topic, key)
+            partition = self.partitions(topic, key)
         tp = (topic, partition)
         batch = self.open.get(tp)
         # aiokafka's own send passes milliseconds here (its docstring says seconds)
@@ -85,15 +83,6 @@ class BatchSender:
             if batch.append(timestamp=timestamp_ms, key=key, value=value, headers=headers) is None:
                 raise ValueError(f"a record of {len(value or b'')} bytes does not fit a batch")
         return batch
-
-    def _partition(self, topic: str, key: bytes) -> int:
-        count = self.partition_counts[topic]
-        cached = self.partition_cache.get((count, key))
-        if cached is None:
-            if len(self.partition_cache) >= PARTITION_CACHE_SIZE:
-                self.partition_cache.clear()
-            cached = self.partition_cache[(count, key)] = (murmur2(key) & 0x7FFFFFFF) % count
-        return cached
 
     def kick(self) -> int:
         """Have the background task hand what is built so far to the producer; returns a mark
