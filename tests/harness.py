@@ -157,7 +157,9 @@ class Collected:
         by: dict[str, dict[int, dict[str, Any]]] = {}
         for key, value in self.events:
             slot = by.setdefault(key.decode(), {})
-            assert slot.setdefault(value["seq"], value) == value, f"repeated event differs: {value} vs {slot[value['seq']]}"
+            assert slot.setdefault(value["seq"], value) == value, (
+                f"repeated event differs: {value} vs {slot[value['seq']]}"
+            )
         return {k: [v[s] for s in sorted(v)] for k, v in by.items()}
 
 
