@@ -23,6 +23,7 @@ from chunkfold.core.records import (
     InputRecord,
     InvalidRecord,
     RecordKind,
+    chunk_record,
     make_record,
 )
 from chunkfold.core.state import AnyState, ClosedCompletion, CompletionState
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     # modules like the core (tests/unit/test_purity.py)
     from chunkfold.config import Settings
 
+_CHUNK = RecordKind.CHUNK
 MAX_TOMBSTONES = 100_000
 """Finished completions whose tombstones replay keeps (to recognise records after their end)."""
 
@@ -202,7 +204,10 @@ def _try_fold(
 ) -> engine.FoldResult | InvalidRecord:
     """The fold of ``frame``, or why the worker would dead-letter it (the state is untouched)."""
     try:
-        record = make_record(key, frame.kind, frame.payload, offset=frame.line, seq=frame.seq)
+        if frame.kind is _CHUNK:
+            record = chunk_record(frame.payload, frame.line, frame.seq, None)
+        else:
+            record = make_record(key, frame.kind, frame.payload, offset=frame.line, seq=frame.seq)
         return engine.fold(state, key, record, options)
     except InvalidRecord as exc:
         return exc

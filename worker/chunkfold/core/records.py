@@ -96,7 +96,7 @@ def decode_record(
             payload = codec.loads_raw(value)
         except codec.RawDecodeError as exc:
             raise InvalidRecord("invalid_json", codec.reason(exc)) from None
-        return completion_id, _chunk_record(payload, offset, seq, timestamp_ms)
+        return completion_id, chunk_record(payload, offset, seq, timestamp_ms)
     payload = None
     if kind is _DONE:
         if value and not _is_done_marker(value):
@@ -119,7 +119,7 @@ def make_record(
 ) -> InputRecord:
     """An ``InputRecord`` whose payload has been checked for its kind, or ``InvalidRecord``."""
     if kind is _CHUNK:
-        return _chunk_record(payload, offset, seq, timestamp_ms)
+        return chunk_record(payload, offset, seq, timestamp_ms)
     if kind is _ABORT:
         if payload is not None and not isinstance(payload, dict):
             raise InvalidRecord("invalid_abort", "abort value must be a JSON object")
@@ -130,7 +130,8 @@ def make_record(
     return InputRecord(kind, payload, offset, seq, timestamp_ms)
 
 
-def _chunk_record(payload: Any, offset: int | None, seq: int | None, timestamp_ms: int | None) -> InputRecord:
+def chunk_record(payload: Any, offset: int | None, seq: int | None, timestamp_ms: int | None) -> InputRecord:
+    """``make_record`` for a chunk, called directly on the per-record paths (no keywords)."""
     if not isinstance(payload, dict):
         raise InvalidRecord("not_an_object", "chunk value must be a JSON object")
     if not _plainly_valid(payload):  # validate_chunk, one call less

@@ -264,12 +264,12 @@ class TransactionalCheckpointer(Checkpointer):
         super().__init__(processor, store, settings, stopping)
         self.transactions = transactions
 
-    def send(self, partition: int, outputs: list[Output]) -> Awaitable[None]:
-        return self._send(partition, outputs)
-
-    async def _send(self, partition: int, outputs: list[Output]) -> None:
+    def send(self, partition: int, outputs: list[Output]) -> Awaitable[None] | None:
+        add = self.transactions.add
+        filled = False
         for o in outputs:
-            await self.transactions.send(partition, o.topic, o.key, o.value)
+            filled |= add(partition, o.topic, o.key, o.value)
+        return self.transactions.hand_over(partition) if filled else None
 
     def due(self) -> bool:
         return self._interval_passed()
@@ -288,12 +288,10 @@ class TransactionalCheckpointer(Checkpointer):
         processor, transactions = self.processor, self.transactions
         try:
             for o in processor.sweep():
-                await transactions.send(
-                    processor.tracked[o.key.decode("utf-8")].partition, o.topic, o.key, o.value
-                )
+                transactions.add(processor.tracked[o.key.decode("utf-8")].partition, o.topic, o.key, o.value)
             processor.apply(processor.capture())
             for partition, key, value in self.store.take_outbox():
-                await transactions.send(
+                transactions.add(
                     partition, self.changelog, key.encode("utf-8"), value, to_partition=partition
                 )
             offsets = {p: o for p, o in self.next_offsets.items() if p in processor.assigned}

@@ -262,6 +262,8 @@ async def run_worker(settings: Settings, kafka: KafkaClients) -> DeliveryFailed 
             request_timeout_ms=PRODUCER_REQUEST_TIMEOUT_MS,
             linger_ms=PRODUCER_LINGER_MS,
             max_request_size=s.max_message_bytes,
+            max_batch_size=batch_bytes,
+            partitions=sender.partitions,
         )
         checkpointer = TransactionalCheckpointer(processor, store, s, stopping, transactions=transactions)
     else:
