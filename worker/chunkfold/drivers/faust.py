@@ -151,10 +151,11 @@ def create_app(settings: Settings, partitions: KeyPartitions) -> tuple[faust.App
         out: list[Output] = []
         done: list[Any] = []
         generation, assigned = app.consumer_generation_id, processor.assigned
+        flowing = app.flow_control.is_active()
         for event in events:
             message = event.message
-            if message.generation_id != generation or message.partition not in assigned:
-                # fetched before a rebalance (Faust's own stream skips these too): its
+            if not flowing or message.generation_id != generation or message.partition not in assigned:
+                # fetched before or during a rebalance (Faust's own stream skips these too): its
                 # partition's owner, maybe this worker again, reads it anew from the committed
                 # offset once the state is restored. Folded now, without that state, it would
                 # publish another completion. Not acknowledged: that could let the commit pass
