@@ -3,8 +3,9 @@
 ``workload(seed)``: the 98,304-chunk capture replay is timed on (48 text and 48 tool-call
 completions of 1,024 chunks, interleaved at random). ``python -m tests.bench.replay_input BYTES``
 writes about BYTES of capture to stdout without holding it: waves of ``CONCURRENT`` completions
-(copies of the same streams under new ids) interleaved chunk by chunk, so that a reader's memory
-can be seen to depend on the completions open at once, not on the input's size.
+(copies of the same streams under new ids) interleaved chunk by chunk, each ended by a done
+envelope, so that a reader's memory can be seen to depend on the completions open at once, not
+on the input's size.
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ def waves(total_bytes: int, seed: int = 0) -> Iterator[bytes]:
             block = b"".join(copy[position] for copy in copies)
             written += len(block)
             yield block
+        # each completion ends as a gateway ends it (an envelope: a bare [DONE] line would
+        # belong to whichever completion the line before it did)
+        ids = [
+            f"w{wave:07d}-{n:03d}-".encode().ljust(len(old), b"x")[: len(old)]
+            for n, (old, _) in enumerate(templates)
+        ]
+        yield b"".join(b'{"kind":"done","key":"%b"}\n' % completion_id for completion_id in ids)
         wave += 1
 
 
