@@ -902,6 +902,79 @@ def run(ctx: BenchContext) -> SectionResult:
 def _measure(
     ctx: BenchContext, servers: str, thr: Workload, lat: Workload, cap: float, seconds: float, workdir: Path
 ) -> list[Verdict]:
+    # Latency first, on a broker that has not yet taken the throughput runs' backlogs: their
+    # segments, compaction and cleanup had put 150-250 ms stalls into whichever latency run came
+    # after them (the worker's p99 measured alone on the same broker: 19-20 ms).
+    ctx.out(f"\n== kafka: latency, produce -> first event on completion-events, {seconds:g} s runs ==")
+    ctx.out(
+        "method: a separate load-generator process (aiokafka producer, acks=all, linger 5 ms, batches built as in the worker) sends\n"
+        f"        the interleaved records on a fixed schedule of the target rate in chunks/s, each with its send\n"
+        "        time as the record timestamp, into an idle, ready consumer (worker: group stable and /readyz\n"
+        "        200). This process reads the output topic; a chunk's latency is from its send to the arrival\n"
+        "        here of the first event it yields (matched by completion id and event seq, known from folding\n"
+        "        the same records offline; chunks that yield no event, e.g. usage chunks, are left out). The\n"
+        "        pipe: send to arrival of the piped copy of the same chunks. The first "
+        f"{WARMUP_S:g} s are warm-up and not\n"
+        f"        counted; events still missing {GRACE_S:g} s after the last send count as infinitely late ('>Ns').\n"
+        f"        offered/s: chunks / send span actually achieved by the load generator. kept up: every event\n"
+        f"        arrived, the last within {KEPT_UP_S:g} s of the last send. done/s: chunks the consumer got through\n"
+        "        per second from the first send to the end of reading (worker: chunkfold_chunks_in_total; pipe:\n"
+        "        piped chunks). CPU %: the consumer process's CPU time over the run, of one core. A rate\n"
+        f"        counts as sustained when the consumer kept up and the offered rate reached {OFFERED_SHARE:.0%} of it."
+    )
+    rows = [
+        latency_run(servers, lat, LATENCY_RATE, worker=True, workdir=workdir),
+        latency_run(servers, lat, LATENCY_RATE, worker=False, workdir=workdir),
+    ]
+    exactly_lat = latency_run(
+        servers, lat, LATENCY_RATE, worker=True, workdir=workdir, guarantee="exactly_once"
+    )
+    at_target = rows[0]
+    sustained: Latency | None = at_target if at_target.sustained else None
+    if not at_target.sustained:
+        ceiling = at_target.processed_rate
+        for share in FALLBACK_SHARES:
+            rate = _nice_rate(share * ceiling)
+            if rate <= 0:
+                break
+            part = lat.prefix(int(rate * seconds))
+            row = latency_run(servers, part, rate, worker=True, workdir=workdir)
+            rows += [row, latency_run(servers, part, rate, worker=False, workdir=workdir)]
+            if row.sustained:
+                sustained = row
+                break
+    _latency_table(ctx, [*rows[:2], exactly_lat, *rows[2:]])
+    ctx.out(
+        f"worker (exactly_once): its events become visible to a read_committed reader when the checkpoint\n"
+        f"  that holds them commits, every CHUNKFOLD_COMMIT_INTERVAL_S ({Settings().commit_interval_s:g} s): that interval bounds its\n"
+        f"  latency (about half of it on average, all of it at worst, plus the commit's round trips); it\n"
+        f"  counts as kept up when the last event arrived within {KEPT_UP_S:g} s of the last send plus that interval."
+    )
+    ctx.out(
+        "worker-side view, its chunkfold_end_to_end_latency_seconds histogram (input record timestamp -> its\n"
+        "outputs handed to the producer; every record of the run, warm-up included; bucket upper bounds):"
+    )
+    for row in rows:
+        if row.inside is not None:
+            p50, p99 = row.inside
+            ctx.out(f"  at {row.rate:>7,.0f}/s: p50 {_bound(p50)}, p99 {_bound(p99)}")
+    for row in rows:
+        if not row.offered_ok:
+            ctx.out(
+                f"note: the load generator offered only {row.offered:,.0f} of {row.rate:,.0f} chunks/s in the "
+                f"{row.name} run (CPU contention)"
+            )
+    if not at_target.sustained:
+        ctx.out(
+            f"THE WORKER DID NOT SUSTAIN {LATENCY_RATE:,.0f} chunks/s: it got through "
+            f"{at_target.processed_rate:,.0f} chunks/s in that run; "
+            + (
+                f"it kept up at {sustained.rate:,.0f} chunks/s (rows below the first two)."
+                if sustained is not None
+                else "it kept up at none of the lower rates tried either."
+            )
+        )
+
     ctx.out(
         f"\n== kafka: throughput draining a backlog of {len(thr.records):,} records ({thr.chunks:,} chunks, "
         f"{thr.completions} completions) =="
@@ -943,77 +1016,6 @@ def _measure(
         f"exactly_once / pipe: {exactly_thr.rate / pipe_thr.rate:.2f}x\n"
         f"Faust driver / pipe: {faust_ratio:.2f}x (target >= {FAUST_TARGET:g}x)"
     )
-
-    ctx.out(f"\n== kafka: latency, produce -> first event on completion-events, {seconds:g} s runs ==")
-    ctx.out(
-        "method: a separate load-generator process (aiokafka producer, acks=all, linger 5 ms, batches built as in the worker) sends\n"
-        f"        the interleaved records on a fixed schedule of the target rate in chunks/s, each with its send\n"
-        "        time as the record timestamp, into an idle, ready consumer (worker: group stable and /readyz\n"
-        "        200). This process reads the output topic; a chunk's latency is from its send to the arrival\n"
-        "        here of the first event it yields (matched by completion id and event seq, known from folding\n"
-        "        the same records offline; chunks that yield no event, e.g. usage chunks, are left out). The\n"
-        "        pipe: send to arrival of the piped copy of the same chunks. The first "
-        f"{WARMUP_S:g} s are warm-up and not\n"
-        f"        counted; events still missing {GRACE_S:g} s after the last send count as infinitely late ('>Ns').\n"
-        f"        offered/s: chunks / send span actually achieved by the load generator. kept up: every event\n"
-        f"        arrived, the last within {KEPT_UP_S:g} s of the last send. done/s: chunks the consumer got through\n"
-        "        per second from the first send to the end of reading (worker: chunkfold_chunks_in_total; pipe:\n"
-        "        piped chunks). CPU %: the consumer process's CPU time over the run, of one core. A rate\n"
-        f"        counts as sustained when the consumer kept up and the offered rate reached {OFFERED_SHARE:.0%} of it."
-    )
-    rows = [
-        latency_run(servers, lat, LATENCY_RATE, worker=True, workdir=workdir),
-        latency_run(servers, lat, LATENCY_RATE, worker=False, workdir=workdir),
-    ]
-    exactly_lat = latency_run(
-        servers, lat, LATENCY_RATE, worker=True, workdir=workdir, guarantee="exactly_once"
-    )
-    at_target = rows[0]
-    sustained: Latency | None = at_target if at_target.sustained else None
-    if not at_target.sustained:
-        ceiling = min(worker_thr.rate, at_target.processed_rate)
-        for share in FALLBACK_SHARES:
-            rate = _nice_rate(share * ceiling)
-            if rate <= 0:
-                break
-            part = lat.prefix(int(rate * seconds))
-            row = latency_run(servers, part, rate, worker=True, workdir=workdir)
-            rows += [row, latency_run(servers, part, rate, worker=False, workdir=workdir)]
-            if row.sustained:
-                sustained = row
-                break
-    _latency_table(ctx, [*rows[:2], exactly_lat, *rows[2:]])
-    ctx.out(
-        f"worker (exactly_once): its events become visible to a read_committed reader when the checkpoint\n"
-        f"  that holds them commits, every CHUNKFOLD_COMMIT_INTERVAL_S ({Settings().commit_interval_s:g} s): that interval bounds its\n"
-        f"  latency (about half of it on average, all of it at worst, plus the commit's round trips); it\n"
-        f"  counts as kept up when the last event arrived within {KEPT_UP_S:g} s of the last send plus that interval."
-    )
-    ctx.out(
-        "worker-side view, its chunkfold_end_to_end_latency_seconds histogram (input record timestamp -> its\n"
-        "outputs handed to the producer; every record of the run, warm-up included; bucket upper bounds):"
-    )
-    for row in rows:
-        if row.inside is not None:
-            p50, p99 = row.inside
-            ctx.out(f"  at {row.rate:>7,.0f}/s: p50 {_bound(p50)}, p99 {_bound(p99)}")
-    for row in rows:
-        if not row.offered_ok:
-            ctx.out(
-                f"note: the load generator offered only {row.offered:,.0f} of {row.rate:,.0f} chunks/s in the "
-                f"{row.name} run (CPU contention)"
-            )
-    if not at_target.sustained:
-        ctx.out(
-            f"THE WORKER DID NOT SUSTAIN {LATENCY_RATE:,.0f} chunks/s: it got through "
-            f"{at_target.processed_rate:,.0f} chunks/s in that run and {worker_thr.rate:,.0f} chunks/s\n"
-            "draining the backlog; "
-            + (
-                f"it kept up at {sustained.rate:,.0f} chunks/s (rows below the first two)."
-                if sustained is not None
-                else "it kept up at none of the lower rates tried either."
-            )
-        )
 
     ctx.out("\n== kafka: state changelog bytes per completion vs the final completion ==")
     ctx.out(
