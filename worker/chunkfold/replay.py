@@ -141,6 +141,8 @@ def published(
         if state is None and outcome.state is not None:
             counts.completions += 1
         yield from _outputs(key, outcome, settings, limit, counts)
+        if outcome.state is state:  # folded in place: most records
+            continue
         if outcome.state is None:
             states.pop(key, None)
             continue
@@ -160,16 +162,17 @@ def _outputs(
 ) -> Iterator[Published]:
     """The records of one fold, each value's JSON cut to fit as the worker cuts it
     (``fit.encode``; the size check is inlined for the events, one per chunk)."""
-    raw_key = key.encode("utf-8")
-    budget = fit.value_budget(limit, raw_key)
-    topic, dumps, event_value = settings.events_topic, codec.dumps, outputs.event_value
-    for event in result.events:
-        value = event_value(key, event)
-        data = dumps(value)
-        yield Published(topic, key, data if len(data) <= budget else fit.fit(value, budget))
-    counts.events += len(result.events)
+    events = result.events
+    if events:
+        budget = fit.value_budget(limit, key.encode("utf-8"))
+        topic, dumps, event_value = settings.events_topic, codec.dumps, outputs.event_value
+        for event in events:
+            value = event_value(key, event)
+            data = dumps(value)
+            yield Published(topic, key, data if len(data) <= budget else fit.fit(value, budget))
+        counts.events += len(events)
     if result.done is not None:
-        yield Published(settings.done_topic, key, fit.encode(result.done, limit, raw_key)[0])
+        yield Published(settings.done_topic, key, fit.encode(result.done, limit, key.encode("utf-8"))[0])
 
 
 def _deadletter(problem: InvalidRecord, key: str, frame: Frame, settings: Settings) -> Published:

@@ -33,6 +33,8 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 WRITE_BATCH = 512
 """Output lines joined into one write."""
 PROGRESS_EVERY_S = 1.0
+KEY_CACHE_SIZE = 4096
+"""Output line heads kept (one per topic and open completion; dropped whole when full)."""
 
 
 def register(subcommands: options.Subcommands) -> None:
@@ -139,10 +141,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def _kafka_lines(records: Iterator[Published], progress: _Progress | None) -> Iterator[bytes]:
     """``{"topic", "key", "value"}`` lines, the value's JSON as the worker publishes it."""
     dumps = codec.dumps
-    topics: dict[str, bytes] = {}
+    heads: dict[tuple[str, str], bytes] = {}  # '{"topic":...,"key":...,"value":' per topic and key
     for n, (topic, key, value) in enumerate(records):
-        topic_json = topics.get(topic) or topics.setdefault(topic, dumps(topic))
-        yield b'{"topic":%b,"key":%b,"value":%b}\n' % (topic_json, dumps(key), value)
+        head = heads.get((topic, key))
+        if head is None:
+            if len(heads) >= KEY_CACHE_SIZE:
+                heads.clear()
+            head = heads[(topic, key)] = b'{"topic":%b,"key":%b,"value":' % (dumps(topic), dumps(key))
+        yield head + value + b"}\n"
         if progress is not None and n % 4096 == 0:
             progress.tick()
 
