@@ -12,8 +12,10 @@ REPORT_DIR = Path(__file__).resolve().parents[1] / ".cache" / "reliability"
 ORDER = (
     "worker kill -9 (x2)",
     "worker kill -9 (x2) [exactly_once]",
+    "worker kill -9 (x2) [faust]",
     "rebalance 1 -> 3 -> 1 workers",
     "rebalance 1 -> 3 -> 1 workers [exactly_once]",
+    "rebalance 1 -> 3 -> 1 workers [faust]",
     "broker restart",
     "broker restart [exactly_once]",
     "broker failover (3 nodes, RF 3)",
