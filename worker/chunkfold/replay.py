@@ -160,19 +160,15 @@ def published(
 def _outputs(
     key: str, result: engine.FoldResult, settings: Settings, limit: int, counts: ReplayCounts
 ) -> Iterator[Published]:
-    """The records of one fold, each value's JSON cut to fit as the worker cuts it
-    (``fit.encode``; the size check is inlined for the events, one per chunk)."""
-    events = result.events
-    if events:
-        budget = fit.value_budget(limit, key.encode("utf-8"))
-        topic, dumps, event_value = settings.events_topic, codec.dumps, outputs.event_value
-        for event in events:
-            value = event_value(key, event)
-            data = dumps(value)
-            yield Published(topic, key, data if len(data) <= budget else fit.fit(value, budget))
-        counts.events += len(events)
+    """The records of one fold, each value's JSON cut to fit as the worker cuts it (``fit.encode``)."""
+    raw_key = key.encode("utf-8")
+    for event in result.events:
+        yield Published(
+            settings.events_topic, key, fit.encode(outputs.event_value(key, event), limit, raw_key)[0]
+        )
+    counts.events += len(result.events)
     if result.done is not None:
-        yield Published(settings.done_topic, key, fit.encode(result.done, limit, key.encode("utf-8"))[0])
+        yield Published(settings.done_topic, key, fit.encode(result.done, limit, raw_key)[0])
 
 
 def _deadletter(problem: InvalidRecord, key: str, frame: Frame, settings: Settings) -> Published:
