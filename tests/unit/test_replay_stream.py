@@ -15,6 +15,8 @@ import pytest
 import zstandard
 
 from chunkfold.config import Settings
+from chunkfold.core.inputs import InputError
+from chunkfold.core.records import MAX_KEY_BYTES
 from chunkfold.gateway import GatewayRecord
 from chunkfold.replay import MAX_TOMBSTONES, ReplayCounts, published, replay_kafka
 from tests.harness import offline_run
@@ -133,3 +135,27 @@ def test_tombstones_beyond_the_bound_are_dropped_oldest_first(monkeypatch: pytes
     # "a" was forgotten: its late chunk starts a new completion instead of being after_end
     assert [r.topic for r in out].count("completion-deadletter") == 0
     assert [r.key for r in out if r.topic == "completion-done"] == ["a", "b", "c", "a"]
+
+
+def test_records_over_the_worker_size_limits_are_its_dead_letters_not_a_crash() -> None:
+    big_id = "k" * (MAX_KEY_BYTES + 1)
+    big_value = orjson.dumps(
+        {"id": "v", "choices": [{"index": 0, "delta": {"content": "x" * 2048}}]}
+    ).decode()
+    settings = Settings(max_record_bytes=1024)
+    lines = [orjson.dumps({"id": big_id, "choices": []}).decode(), big_value]
+    out = list(published("\n".join(lines) + "\n", None, settings, strict=False))
+    letters = [orjson.loads(r.value) for r in out if r.topic == "completion-deadletter"]
+    assert [letter["reason"] for letter in letters] == ["key_too_large", "oversized"]
+    assert all(len(r.key.encode()) <= MAX_KEY_BYTES for r in out)
+    assert all(len(r.value) <= settings.max_message_bytes for r in out)
+    gateway = [
+        GatewayRecord(big_id.encode(), lines[0].encode(), []),
+        GatewayRecord(b"v", lines[1].encode(), []),
+    ]
+    _, _, worker_letters = offline_run(gateway, settings)
+    for replayed, worker in zip(letters, worker_letters, strict=True):
+        same = ("reason", "detail", "value_bytes", "value_sha256")
+        assert {k: replayed[k] for k in same} == {k: worker[k] for k in same}
+    with pytest.raises(InputError, match="line 1: key_too_large"):
+        list(published("\n".join(lines) + "\n", None, settings))

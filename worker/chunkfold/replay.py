@@ -19,12 +19,15 @@ from chunkfold.core import codec, completion, engine, fit, outputs
 from chunkfold.core.inputs import Frame, InputError, Lines, frames_to_keys, iter_frames
 from chunkfold.core.records import (
     KIND_HEADER,
+    MAX_KEY_BYTES,
     SEQ_HEADER,
     InputRecord,
     InvalidRecord,
     RecordKind,
     chunk_record,
+    key_too_large,
     make_record,
+    oversized,
 )
 from chunkfold.core.state import AnyState, ClosedCompletion, CompletionState
 
@@ -127,6 +130,8 @@ def published(
         outcome: engine.FoldResult | InvalidRecord
         if frame.problem is not None:
             outcome = frame.problem
+        elif (problem := _size_problem(key, frame, settings.max_record_bytes)) is not None:
+            outcome = problem
         else:
             if state is None and request is not None and frame.kind is not RecordKind.REQUEST:
                 state = states[key] = _fold(None, key, Frame(0, RecordKind.REQUEST, request), options).state  # type: ignore[assignment]
@@ -171,19 +176,42 @@ def _outputs(
         yield Published(settings.done_topic, key, fit.encode(result.done, limit, raw_key)[0])
 
 
+def _size_problem(key: str, frame: Frame, max_bytes: int) -> InvalidRecord | None:
+    """The worker's size rules (``decode_record``): a key over ``MAX_KEY_BYTES``, a value over
+    ``CHUNKFOLD_MAX_RECORD_BYTES``. A character is at most 4 UTF-8 bytes: the exact sizes are
+    computed only for the rare text long enough to break a rule."""
+    if len(key) * 4 > MAX_KEY_BYTES and len(raw := key.encode("utf-8")) > MAX_KEY_BYTES:
+        return key_too_large(len(raw))
+    if len(frame.raw) * 4 > max_bytes and len(value := _record_value(frame)) > max_bytes:
+        return oversized(len(value), max_bytes)
+    return None
+
+
+def _is_envelope(frame: Frame) -> bool:
+    return frame.key is not None or frame.seq is not None
+
+
+def _record_value(frame: Frame) -> bytes:
+    """The value of the Kafka record a gateway would publish for ``frame``: an envelope's value,
+    else the record's text."""
+    if _is_envelope(frame):
+        return b"[DONE]" if frame.kind is RecordKind.DONE else codec.dumps(frame.payload)
+    return frame.text.encode("utf-8")
+
+
 def _deadletter(problem: InvalidRecord, key: str, frame: Frame, settings: Settings) -> Published:
     """The dead letter the worker would publish for ``frame``, read as a gateway publishes it
-    (an envelope's value and headers, else the record's text)."""
+    (an envelope's value and headers, else the record's text). Its key is cut to
+    ``MAX_KEY_BYTES``, as the worker cuts it."""
     headers: list[tuple[str, bytes]] = []
-    if frame.key is not None or frame.seq is not None:  # an envelope
+    if _is_envelope(frame):
         if frame.kind is not RecordKind.CHUNK and frame.kind is not RecordKind.DONE:
             headers.append((KIND_HEADER, frame.kind.value.encode()))
         if frame.seq is not None:
             headers.append((SEQ_HEADER, str(frame.seq).encode()))
-        value = b"[DONE]" if frame.kind is RecordKind.DONE else codec.dumps(frame.payload)
-    else:
-        value = frame.text.encode("utf-8")
+    value = _record_value(frame)
     raw_key = key.encode("utf-8")
+    dead_key = raw_key[:MAX_KEY_BYTES]
     dead = outputs.deadletter_value(
         reason=problem.reason,
         detail=problem.detail,
@@ -195,7 +223,8 @@ def _deadletter(problem: InvalidRecord, key: str, frame: Frame, settings: Settin
         offset=frame.line,
         timestamp_ms=None,
     )
-    return Published(settings.deadletter_topic, key, fit.encode(dead, settings.max_message_bytes, raw_key)[0])
+    value_json = fit.encode(dead, settings.max_message_bytes, dead_key)[0]
+    return Published(settings.deadletter_topic, dead_key.decode("utf-8", "ignore"), value_json)
 
 
 def _try_fold(

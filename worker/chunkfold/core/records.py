@@ -73,14 +73,14 @@ def decode_record(
     if not key:
         raise InvalidRecord("missing_key", "record has no key (the completion id)")
     if len(key) > MAX_KEY_BYTES:
-        raise InvalidRecord("key_too_large", f"key is {len(key)} bytes, limit {MAX_KEY_BYTES}")
+        raise key_too_large(len(key))
     try:
         completion_id = key.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidRecord("invalid_key", "key is not valid UTF-8") from None
     value = value or b""
     if len(value) > max_bytes:
-        raise InvalidRecord("oversized", f"value is {len(value)} bytes, limit {max_bytes}")
+        raise oversized(len(value), max_bytes)
     raw_seq = raw_kind = None
     if headers:
         for name, header in headers:
@@ -106,6 +106,16 @@ def decode_record(
     return completion_id, make_record(
         completion_id, kind, payload, offset=offset, seq=seq, timestamp_ms=timestamp_ms
     )
+
+
+def key_too_large(size: int) -> InvalidRecord:
+    """A key longer than ``MAX_KEY_BYTES`` (the worker's rule, which replay applies too)."""
+    return InvalidRecord("key_too_large", f"key is {size} bytes, limit {MAX_KEY_BYTES}")
+
+
+def oversized(size: int, max_bytes: int) -> InvalidRecord:
+    """A value larger than the record limit (the worker's rule, which replay applies too)."""
+    return InvalidRecord("oversized", f"value is {size} bytes, limit {max_bytes}")
 
 
 def make_record(
