@@ -14,7 +14,9 @@ clients' options by ``chunkfold.kafka_security``; secrets are ``SecretStr`` (sho
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
@@ -29,8 +31,12 @@ Driver = Literal["direct", "faust"]
 ProcessingGuarantee = Literal["at_least_once", "exactly_once"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
-SECRETS = frozenset({"sasl_password", "ssl_key_password"})
+SECRETS = frozenset({"sasl_password", "ssl_key_password", "query_token"})
 """Settings whose values are never shown, not even in an error about them."""
+
+
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+"""Bind addresses that name every interface, none another host could connect to."""
 
 
 class SettingsError(ValueError):
@@ -78,6 +84,19 @@ class Settings(BaseSettings):
     """The address the metrics and health server listens on (both drivers). Loopback by
     default, so a worker run on a host shares nothing; the container image sets ``0.0.0.0``,
     where probes and Prometheus reach it through the pod's or container's own address."""
+
+    query_port: int = Field(default=0, ge=0, le=65535)
+    """The query listener's port (live completion snapshots and event resume,
+    ``chunkfold.query``); 0, the default, runs no query listener. Never the metrics port."""
+    query_host: str = "127.0.0.1"
+    """The address the query listener binds to: loopback by default."""
+    query_advertised_url: str = ""
+    """``http(s)://host:port`` at which the other members of the group reach this worker's query
+    listener (what they forward to); empty: ``http://<query_host>:<query_port>``."""
+    query_token: SecretStr | None = None
+    """A bearer token every query must carry (``Authorization: Bearer <token>``); or
+    ``query_token_file``, not both. None: the listener answers anyone who reaches it."""
+    query_token_file: Path | None = None
 
     create_topics: bool = True
     """Create missing topics (input, outputs, state changelog). ``false``: never ask for
@@ -131,7 +150,62 @@ class Settings(BaseSettings):
                     f"{self.security_protocol} with {self.sasl_mechanism} needs {self.env_name('sasl_username')} "
                     f"and {self.env_name('sasl_password')} or {self.env_name('sasl_password_file')}"
                 )
+        self._check_query()
         return self
+
+    def _check_query(self) -> None:
+        """The query listener's settings: its address is one the other members can reach, and
+        its token can be read."""
+        if self.query_token is not None and self.query_token_file is not None:
+            raise ValueError(
+                f"set one of {self.env_name('query_token')} and {self.env_name('query_token_file')}, not both"
+            )
+        if self.query_token is not None and not self.query_token.get_secret_value().strip():
+            raise ValueError(f"{self.env_name('query_token')} is empty")
+        if self.query_token_file is not None:
+            self.query_bearer_token()
+        if self.query_advertised_url:
+            parts = urlsplit(self.query_advertised_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+                raise ValueError(
+                    f"{self.env_name('query_advertised_url')}={self.query_advertised_url!r}: "
+                    "not an http(s)://host:port URL"
+                )
+        if self.query_port == 0:
+            return
+        if self.query_port == self.web_port:
+            raise ValueError(
+                f"{self.env_name('query_port')} and {self.env_name('web_port')} are both {self.query_port}: "
+                "the query listener is separate from the metrics one"
+            )
+        if not self.query_advertised_url and self.query_host in WILDCARD_HOSTS:
+            raise ValueError(
+                f"{self.env_name('query_host')}={self.query_host!r} is no address other members can reach: "
+                f"set {self.env_name('query_advertised_url')}"
+            )
+
+    def query_url(self) -> str:
+        """Where the other members reach this worker's query listener (no trailing slash)."""
+        host = f"[{self.query_host}]" if ":" in self.query_host else self.query_host
+        return (self.query_advertised_url or f"http://{host}:{self.query_port}").rstrip("/")
+
+    def query_bearer_token(self) -> str | None:
+        """The token queries must carry, read from ``query_token_file`` (again on every call)
+        when that is set; None when no token is required. Raises ``SettingsError`` (one line)
+        for a file that cannot be read or is empty."""
+        if self.query_token is not None:
+            return self.query_token.get_secret_value().strip()
+        if self.query_token_file is None:
+            return None
+        setting = f"{self.env_name('query_token_file')}={str(self.query_token_file)!r}"
+        try:
+            token = self.query_token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise SettingsError(f"{setting}: cannot read it ({reason})") from None
+        if not token:
+            raise SettingsError(f"{setting}: the file is empty")
+        return token
 
     @classmethod
     def settings_customise_sources(

@@ -32,7 +32,7 @@ from aiokafka.errors import IllegalStateError, KafkaError
 
 from chunkfold.config import Settings
 from chunkfold.drivers.direct.recovery import LocalCopy
-from chunkfold.drivers.direct.sender import BatchSender
+from chunkfold.drivers.direct.sender import BatchSender, TrackedBatch, delivered_ends
 from chunkfold.drivers.direct.transactions import PartitionTransactions
 from chunkfold.processor import FlushBatch, Output, Processor
 from chunkfold.state.changelog import ChangelogStore, changelog_topic
@@ -115,6 +115,17 @@ class Checkpointer(ABC):
     async def close(self) -> None:
         """At shutdown, after the last ``complete``."""
 
+    @abstractmethod
+    async def between_commits(self) -> None:
+        """Return at a moment the processor's state may be read for a query (the query
+        listener's snapshots); the caller reads it before it next awaits."""
+
+    def note_events_positions(self, batches: list[TrackedBatch]) -> None:
+        """Tell the processor where the delivered ``batches`` of the events topic ended: every
+        event it hands over later lands after them (``Processor.note_events_position``)."""
+        for partition, end in delivered_ends(batches).items():
+            self.processor.note_events_position(partition, end)
+
     def _fail(self, message: str) -> DeliveryFailed:
         """Record a failure and stop the worker."""
         self.failure = DeliveryFailed(message)
@@ -168,6 +179,9 @@ class OrderedCheckpointer(Checkpointer):
     async def own(self, partitions: Iterable[int]) -> None:
         """Nothing to fence: at least once uses no transactions."""
 
+    async def between_commits(self) -> None:
+        """Any moment: queries read the processor's memory, which a checkpoint only copies."""
+
     async def close(self) -> None:
         """Nothing to close: the sender and the consumer belong to the worker."""
 
@@ -195,6 +209,7 @@ class OrderedCheckpointer(Checkpointer):
         it, stop the worker, and write or commit nothing more."""
         if not await self._delivered(captured.mark):
             return
+        self.note_events_positions(self.sender.take_tracked(self.settings.events_topic))
         self.processor.apply(captured.flush)
         written = self.store.take_outbox()
         local = self.local_copy
@@ -208,7 +223,7 @@ class OrderedCheckpointer(Checkpointer):
         if not await self._delivered(self.sender.kick()):
             return
         if local is not None and written:
-            local.keep(written, counts, self.sender.take_tracked(), stamp)
+            local.keep(written, counts, self.sender.take_tracked(self.changelog), stamp)
         if not captured.offsets:
             return
         try:
@@ -263,6 +278,17 @@ class TransactionalCheckpointer(Checkpointer):
     ) -> None:
         super().__init__(processor, store, settings, stopping)
         self.transactions = transactions
+        self.committing = False
+        """A checkpoint is in progress: the store already holds state its transactions have
+        not committed yet."""
+        self.commit_over = asyncio.Condition()
+
+    async def between_commits(self) -> None:
+        """Return at a moment no checkpoint is in progress, so the store holds exactly what was
+        last committed (``complete`` applies a checkpoint's state to the store, then commits):
+        the query listener's exactly_once snapshots. Read the store before the next await."""
+        async with self.commit_over:
+            await self.commit_over.wait_for(lambda: not self.committing)
 
     def send(self, partition: int, outputs: list[Output]) -> Awaitable[None] | None:
         add = self.transactions.add
@@ -284,6 +310,15 @@ class TransactionalCheckpointer(Checkpointer):
         next owner."""
         if self.failure is not None:
             raise self.failure
+        self.committing = True
+        try:
+            await self._commit()
+        finally:
+            async with self.commit_over:
+                self.committing = False
+                self.commit_over.notify_all()
+
+    async def _commit(self) -> None:
         self.last_checkpoint = time.monotonic()
         processor, transactions = self.processor, self.transactions
         try:
@@ -298,6 +333,7 @@ class TransactionalCheckpointer(Checkpointer):
             await transactions.commit(offsets, self.settings.app_id)
         except Exception as exc:
             raise self._fail(f"committing a transaction failed: {exc!r}") from exc
+        self.note_events_positions(transactions.tracked.take(self.settings.events_topic))
 
     async def own(self, partitions: Iterable[int]) -> None:
         """Fence the partitions' previous owners first: their open transactions are aborted,

@@ -13,6 +13,45 @@ from aiokafka.errors import KafkaError
 
 from chunkfold.drivers.partitions import KeyPartitions
 
+TrackedBatch = tuple[int, Any, asyncio.Future[Any]]
+"""(partition, batch, delivery future) of a batch handed to a producer."""
+
+
+class TrackedBatches:
+    """Batches of some topics handed to a producer, kept with their partition and delivery
+    future until taken: how the driver learns the offsets its records got (the changelog's for
+    the local copy, the events topic's for the positions ``Processor.note_events_position``
+    keeps)."""
+
+    def __init__(self, topics: Iterable[str]) -> None:
+        self.batches: dict[str, list[TrackedBatch]] = {topic: [] for topic in topics}
+
+    def handed(self, topic: str, partition: int, batch: Any, future: asyncio.Future[Any]) -> None:
+        """``batch`` went to the producer; kept if its topic is tracked."""
+        kept = self.batches.get(topic)
+        if kept is not None:
+            kept.append((partition, batch, future))
+
+    def take(self, topic: str) -> list[TrackedBatch]:
+        """The batches of ``topic`` handed over since the last call."""
+        taken, self.batches[topic] = self.batches[topic], []
+        return taken
+
+
+def delivered_ends(batches: Iterable[TrackedBatch]) -> dict[int, int]:
+    """Per partition, the offset after the last record of its delivered batches: a batch's base
+    offset (its delivery report) plus its record count (final once the producer built it).
+    Batches not delivered, yet or at all, are left out."""
+    ends: dict[int, int] = {}
+    for partition, batch, future in batches:
+        if not future.done() or future.cancelled() or future.exception() is not None:
+            continue
+        metadata = future.result()
+        if metadata is None or metadata.offset is None or metadata.offset < 0:
+            continue
+        ends[partition] = max(ends.get(partition, 0), metadata.offset + batch.record_count())
+    return ends
+
 
 class BatchSender:
     """Sends records in batches built here, the way ``producer.send`` batches them but without
@@ -27,7 +66,7 @@ class BatchSender:
     batch when it takes it from its queue, before building it). Keys map to partitions as
     aiokafka's default partitioner (murmur2) maps them, computed once per key."""
 
-    def __init__(self, producer: AIOKafkaProducer, *, tracked_topic: str | None = None) -> None:
+    def __init__(self, producer: AIOKafkaProducer, *, tracked_topics: Iterable[str] = ()) -> None:
         self.producer = producer
         self.partitions = KeyPartitions()
         self.open: dict[tuple[str, int], Any] = {}
@@ -41,10 +80,9 @@ class BatchSender:
         self.progress = asyncio.Condition()
         self.error: BaseException | None = None
         self.task: asyncio.Task[None] | None = None
-        self.tracked_topic = tracked_topic
-        """Batches of this topic are also kept with their partition and future for
-        ``take_tracked`` (the driver's local copy derives changelog offsets from them)."""
-        self.tracked: list[tuple[int, Any, asyncio.Future[Any]]] = []
+        self.tracked = TrackedBatches(tracked_topics)
+        """Batches of these topics are also kept with their partition and future for
+        ``take_tracked``."""
 
     async def start(self, topics: Iterable[str]) -> None:
         for topic in topics:
@@ -113,8 +151,7 @@ class BatchSender:
         for (topic, partition), batch in batches:
             future = await self.producer.send_batch(batch, topic, partition=partition)
             self.in_flight.append(future)
-            if topic == self.tracked_topic:
-                self.tracked.append((partition, batch, future))
+            self.tracked.handed(topic, partition, batch, future)
 
     async def take(self, mark: int) -> list[asyncio.Future[Any]]:
         """Wait until everything built before ``kick`` returned ``mark`` is handed to the
@@ -127,8 +164,7 @@ class BatchSender:
         in_flight, self.in_flight = self.in_flight, []
         return in_flight
 
-    def take_tracked(self) -> list[tuple[int, Any, asyncio.Future[Any]]]:
-        """(partition, batch, future) of every batch of ``tracked_topic`` handed over since the
-        last call."""
-        tracked, self.tracked = self.tracked, []
-        return tracked
+    def take_tracked(self, topic: str) -> list[TrackedBatch]:
+        """(partition, batch, future) of every batch of the tracked ``topic`` handed over since
+        the last call."""
+        return self.tracked.take(topic)

@@ -27,6 +27,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
+from chunkfold.drivers.direct.sender import TrackedBatches
 from chunkfold.drivers.partitions import KeyPartitions
 from chunkfold.kafka_io import KafkaClients
 
@@ -51,6 +52,7 @@ class PartitionTransactions:
         max_request_size: int,
         max_batch_size: int,
         partitions: KeyPartitions,
+        tracked_topics: Iterable[str] = (),
     ) -> None:
         self.kafka = kafka
         self.max_batch_size = max_batch_size
@@ -70,6 +72,8 @@ class PartitionTransactions:
         """Partitions whose transaction has begun and is not committed yet."""
         self.committed: dict[int, int] = {}
         """The input offset last committed per partition (by this worker)."""
+        self.tracked = TrackedBatches(tracked_topics)
+        """Batches of these topics handed over, for their offsets once delivered."""
 
     async def own(self, partitions: Iterable[int]) -> None:
         """Start a producer for each partition (fencing its previous owner); before its state is
@@ -136,7 +140,8 @@ class PartitionTransactions:
             await producer.begin_transaction()
             self.open.add(partition)
         for topic, to_partition, batch in batches:
-            await producer.send_batch(batch, topic, partition=to_partition)
+            future = await producer.send_batch(batch, topic, partition=to_partition)
+            self.tracked.handed(topic, to_partition, batch, future)
 
     async def commit(self, offsets: dict[int, int], group_id: str) -> None:
         """Commit each partition's transaction together with its next input offset (a partition

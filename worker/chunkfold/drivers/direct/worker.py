@@ -22,7 +22,7 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp.web import AppRunner
@@ -40,9 +40,14 @@ from chunkfold.drivers.direct.checkpoint import (
 from chunkfold.drivers.direct.recovery import LocalCopy, Recovery, keeps_local_state, open_local_copy
 from chunkfold.drivers.direct.sender import BatchSender
 from chunkfold.drivers.direct.transactions import PartitionTransactions
+from chunkfold.drivers.partitions import KeyPartitions
 from chunkfold.kafka_io import KafkaClients, record_limits
 from chunkfold.metrics import Families
 from chunkfold.processor import Processor
+from chunkfold.query.membership import QueryMembership, assignment_strategy
+from chunkfold.query.owners import GroupOwners
+from chunkfold.query.resume import EventsSource
+from chunkfold.query.server import serve_queries
 from chunkfold.state.changelog import ChangelogStore, changelog_topic
 from chunkfold.web import Pages, serve
 
@@ -90,6 +95,13 @@ class DirectWorker:
         self.refused: KafkaError | None = None
         """Taking partitions over failed (an ACL denied the transactional id, the changelog):
         the worker stops before processing any of their records."""
+        self.rebalancing = True
+        """Between a revocation (the start of every rebalance) and the end of the assignment
+        that follows; true until the first assignment."""
+
+    def settled(self) -> bool:
+        """Ownership is not moving and no state is being restored: queries may be answered."""
+        return not self.rebalancing and not self.recovery.restoring
 
     async def consume(self) -> None:
         """Process fetched batches until ``stopping`` is set; raises ``DeliveryFailed`` when a
@@ -152,6 +164,7 @@ class DirectWorker:
     # -- ownership ------------------------------------------------------------------------
 
     async def revoke(self, partitions: list[int]) -> None:
+        self.rebalancing = True
         async with self.lock:
             if self.checkpointer.failure is None:
                 with contextlib.suppress(KafkaError, DeliveryFailed):
@@ -177,6 +190,7 @@ class DirectWorker:
                 return
             self.processor.assign(new)
             loaded = self.processor.scan()
+            self.rebalancing = False
         log.info("partitions assigned: %s; %d stored completions loaded", new, loaded)
 
 
@@ -195,6 +209,38 @@ async def serve_web(settings: Settings, processor: Processor, recovery: Recovery
     """The direct driver's ``/metrics``, ``/healthz`` and ``/readyz`` (not ready while restoring)."""
     pages = Pages(processor, recovering=lambda: recovery.restoring)
     return await serve(pages, settings.web_host, settings.web_port)
+
+
+async def serve_worker_queries(
+    settings: Settings,
+    kafka: KafkaClients,
+    worker: DirectWorker,
+    membership: QueryMembership,
+    producer: AIOKafkaProducer,
+    events_partition: Callable[[bytes], int],
+) -> AppRunner:
+    """The query listener of ``worker``: owners from ``membership``, answering only while the
+    worker is settled, snapshots between the checkpointer's commits."""
+    input_topic = settings.input_topic
+    input_partitions = KeyPartitions({input_topic: len(await producer.partitions_for(input_topic))})
+    return await serve_queries(
+        settings,
+        worker.processor,
+        GroupOwners(membership, input_topic, worker.settled),
+        lambda key: input_partitions(input_topic, key),
+        EventsSource(settings, kafka, events_partition),
+        between_commits=worker.checkpointer.between_commits,
+    )
+
+
+async def seed_events_positions(
+    consumer: AIOKafkaConsumer, processor: Processor, events_topic: str, partitions: int
+) -> None:
+    """Tell the processor the end offsets of the events topic's ``partitions`` before any
+    record is processed: no event this worker produces can land before them."""
+    ends = await consumer.end_offsets([TopicPartition(events_topic, p) for p in range(partitions)])
+    for tp, end in ends.items():
+        processor.note_events_position(tp.partition, end)
 
 
 def _highwater(consumer: AIOKafkaConsumer, topic: str, partition: int) -> int | None:
@@ -236,22 +282,34 @@ async def run_worker(settings: Settings, kafka: KafkaClients) -> DeliveryFailed 
         max_batch_size=batch_bytes,
         max_request_size=s.max_message_bytes,
     )
+    membership = QueryMembership(s.query_url() if s.query_port > 0 else "")
     consumer: AIOKafkaConsumer = kafka.consumer(
         group_id=s.app_id,
+        partition_assignment_strategy=assignment_strategy(membership),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_poll_records=BATCH_MAX_RECORDS,
         fetch_min_bytes=FETCH_MIN_BYTES,
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
     )
+    tracked = () if exactly_once else (s.events_topic, *((changelog,) if local_copy is not None else ()))
+    sender = BatchSender(producer, tracked_topics=tracked)
+
+    def events_partition(key: bytes) -> int:
+        return sender.partitions(s.events_topic, key)
+
     store = ChangelogStore()
-    processor = Processor(s, store, highwater=lambda p: _highwater(consumer, s.input_topic, p))
+    processor = Processor(
+        s,
+        store,
+        highwater=lambda p: _highwater(consumer, s.input_topic, p),
+        events_partition=events_partition,
+    )
     processor.limits.update((topic, limits[topic]) for topic in outputs)
     recovery = Recovery(s, store, changelog, local_copy, kafka)
     processor.registry.register(Families(recovery.metric_families))
     web_runner = await serve_web(s, processor, recovery) if s.web_port > 0 else None
     await producer.start()
-    sender = BatchSender(producer, tracked_topic=changelog if local_copy is not None else None)
     await sender.start((s.events_topic, s.done_topic, s.deadletter_topic))
     checkpointer: Checkpointer
     if exactly_once:
@@ -264,6 +322,7 @@ async def run_worker(settings: Settings, kafka: KafkaClients) -> DeliveryFailed 
             max_request_size=s.max_message_bytes,
             max_batch_size=batch_bytes,
             partitions=sender.partitions,
+            tracked_topics=(s.events_topic,),
         )
         checkpointer = TransactionalCheckpointer(processor, store, s, stopping, transactions=transactions)
     else:
@@ -279,10 +338,20 @@ async def run_worker(settings: Settings, kafka: KafkaClients) -> DeliveryFailed 
     gc.collect()
     gc.freeze()
     log.info("worker started (direct driver), group %s, input %s", s.app_id, s.input_topic)
+    query_runner: AppRunner | None = None
     try:
+        await seed_events_positions(
+            consumer, processor, s.events_topic, sender.partitions.counts[s.events_topic]
+        )
+        if s.query_port > 0:
+            query_runner = await serve_worker_queries(
+                s, kafka, worker, membership, producer, events_partition
+            )
         with contextlib.suppress(DeliveryFailed):
             await worker.consume()
     finally:
+        if query_runner is not None:
+            await query_runner.cleanup()
         await worker.finish()
         await sender.stop()
         await consumer.stop()
