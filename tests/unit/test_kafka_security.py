@@ -200,10 +200,10 @@ def test_faust_gets_the_same_credentials(tmp_path: Path, tls: object) -> None:
 def test_the_faust_app_declares_no_topic_when_creation_is_off() -> None:
     from chunkfold.drivers.faust import create_app
     from chunkfold.drivers.partitions import KeyPartitions
+    from chunkfold.kafka_io import KafkaClients
 
-    app, _ = create_app(
-        Settings(bootstrap_servers="127.0.0.1:1", create_topics=False, web_port=0), KeyPartitions()
-    )
+    settings = Settings(bootstrap_servers="127.0.0.1:1", create_topics=False, web_port=0)
+    app, _ = create_app(settings, KeyPartitions(), KafkaClients.of(settings))
     assert app.conf.topic_allow_declare is False
     assert app.conf.topic_disable_leader is True
 

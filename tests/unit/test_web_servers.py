@@ -30,8 +30,9 @@ Served = tuple[list[Any], set[str]]
 async def faust_server(settings: Settings) -> AsyncIterator[Served]:
     from chunkfold.drivers.faust import create_app
     from chunkfold.drivers.partitions import KeyPartitions
+    from chunkfold.kafka_io import KafkaClients
 
-    app, _ = create_app(settings, KeyPartitions())
+    app, _ = create_app(settings, KeyPartitions(), KafkaClients.of(settings))
     server: Any = app.web  # Faust's aiohttp driver
     server.init_server()  # what `faust worker` does before starting the web service
     await server.start_server()

@@ -89,7 +89,7 @@ def run_worker(args: argparse.Namespace) -> int:
         return direct.run(settings, kafka)
     outputs = (settings.events_topic, settings.done_topic, settings.deadletter_topic)
     partitions = KeyPartitions(asyncio.run(partition_counts(kafka, outputs)))
-    app, processor = create_app(settings, partitions)
+    app, processor = create_app(settings, partitions, kafka)
     cap = settings.max_message_bytes
     processor.limits.update(asyncio.run(record_limits(kafka, processor.limits, cap)))
     from faust.worker import Worker

@@ -4,11 +4,12 @@ and the web pages. The only module that imports Faust, with ``chunkfold.state.fa
 
 The agent decodes nothing and decides nothing: it takes the records Faust has fetched in
 batches (``noack_take``: up to ``BATCH_MAX_RECORDS``, or what came within ``BATCH_WITHIN_S``),
-hands each raw record to the ``Processor`` and sends what comes back, each output to the
-partition its key maps to, computed once per key (``KeyPartitions``). The timer writes state behind: it captures the
-changed completions, waits until every output produced so far is delivered, writes their
-state to the table (changelog), and only then acknowledges the input records, so Faust's
-offset commit never passes a record whose outputs or state are not durable.
+hands each raw record to the ``Processor`` and adds what comes back to the output batches
+(``OutputSender``: the direct driver's ``BatchSender`` on a producer of its own). The timer
+writes state behind: it captures the changed completions, waits until every output added so
+far is delivered, acknowledges the records that changed no state, writes the captured state
+to the table (changelog) and only then acknowledges those records, so Faust's offset commit
+never passes a record whose outputs or state are not durable.
 """
 
 from __future__ import annotations
@@ -20,11 +21,17 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
+import mode
+from faust.transport.drivers.aiokafka import Consumer as FaustKafkaConsumer
+from faust.transport.drivers.aiokafka import Transport as FaustKafkaTransport
 from faust.types import TP
+from mode.services import WaitResults
 
 from chunkfold.config import Settings
 from chunkfold.drivers import PRODUCER_LINGER_MS
+from chunkfold.drivers.direct.sender import BatchSender
 from chunkfold.drivers.partitions import KeyPartitions
+from chunkfold.kafka_io import KafkaClients
 from chunkfold.kafka_security import faust_options
 from chunkfold.processor import Output, Processor
 from chunkfold.state.faust_table import TableStore
@@ -37,6 +44,42 @@ BATCH_WITHIN_S = 0.005
 """A batch is what Faust has fetched, up to 500 records; at low rates a record waits at most
 5 ms for others to join it."""
 PRODUCER_BUFFER_MESSAGES = 20_000
+PRODUCER_BATCH_BYTES = 512 * 1024
+"""As the direct driver's: an output batch is at most this large (or the smallest topic limit)."""
+
+
+class DirectDeliveryConsumer(FaustKafkaConsumer):
+    """Faust's aiokafka consumer, minus four tasks per record.
+
+    Faust's fetch loop (``Consumer._drain_messages``) hands every record to the topic conductor
+    through ``wait_first(callback(message), suspend_flow.wait())``: three more tasks (with the
+    service's stop and crash events) and an ``asyncio.wait`` per record, 11% of the worker's busy
+    samples, so that a delivery blocked on a full buffer is abandoned when a rebalance suspends
+    the flow. While the flow is not suspended that call is awaited directly here. A delivery that
+    then blocks and sees a rebalance either ends with the fetcher's task, which Faust cancels to
+    restart it, or delivers its record late: the agent skips a record of an older generation,
+    unacknowledged, as it skips the ones Faust's own stream would."""
+
+    async def wait_first(self, *coros: Any, timeout: Any = None) -> WaitResults:
+        if (
+            len(coros) == 2
+            and timeout is None
+            and asyncio.iscoroutine(coros[0])
+            and asyncio.iscoroutine(coros[1])
+            and getattr(coros[1], "__qualname__", None) == "Event.wait"
+            and not self.suspend_flow.is_set()
+            and not self.should_stop
+        ):
+            delivery, suspended = coros
+            suspended.close()
+            return WaitResults([delivery], [await delivery], False)
+        return await super().wait_first(*coros, timeout=timeout)
+
+
+class ChunkfoldTransport(FaustKafkaTransport):
+    """Faust's aiokafka transport with ``DirectDeliveryConsumer``."""
+
+    Consumer = DirectDeliveryConsumer
 
 
 def _view(page: Callable[[], Page]) -> Callable[[Any, Any], Awaitable[Any]]:
@@ -49,10 +92,55 @@ def _view(page: Callable[[], Page]) -> Callable[[Any, Any], Awaitable[Any]]:
     return view
 
 
-def create_app(settings: Settings, partitions: KeyPartitions) -> tuple[faust.App, Processor]:
+class OutputSender(mode.Service):
+    """The worker's outputs go through the direct driver's ``BatchSender`` on a producer of their
+    own, not Faust's producer: that one awaits an aiokafka ``send`` (a future, a partitioner call)
+    per record. Faust's producer keeps the table's changelog writes. Started before the agents
+    (a dependency of the app, added before Faust's own), stopped after them."""
+
+    def __init__(
+        self, kafka: KafkaClients, settings: Settings, partitions: KeyPartitions, limits: dict[str, int]
+    ) -> None:
+        super().__init__()
+        self.kafka, self.settings, self.limits = kafka, settings, limits
+        self.partitions = partitions
+        self.ready = asyncio.Event()
+        self._sender: BatchSender | None = None
+
+    @property
+    def sender(self) -> BatchSender:
+        if self._sender is None:
+            raise RuntimeError("the output sender is not started")
+        return self._sender
+
+    async def on_start(self) -> None:
+        s = self.settings
+        producer = self.kafka.producer(
+            acks="all",
+            linger_ms=PRODUCER_LINGER_MS,
+            max_request_size=s.max_message_bytes,
+            # A batch of several records must fit the smallest output topic too.
+            max_batch_size=min(PRODUCER_BATCH_BYTES, *self.limits.values()),
+        )
+        await producer.start()
+        sender = BatchSender(producer)
+        sender.partitions = self.partitions
+        await sender.start((s.events_topic, s.done_topic, s.deadletter_topic))
+        self._sender = sender
+        self.ready.set()
+
+    async def on_stop(self) -> None:
+        if self._sender is not None:
+            await self._sender.stop()
+            await self._sender.producer.stop()
+
+
+def create_app(
+    settings: Settings, partitions: KeyPartitions, kafka: KafkaClients
+) -> tuple[faust.App, Processor]:
     """The Faust app of a worker and its ``Processor``. Its clients authenticate as the settings
-    say (``broker_credentials``: ``chunkfold.kafka_security.faust_options``); ``partitions``
-    knows the partition counts of the output topics."""
+    say (``broker_credentials``: ``chunkfold.kafka_security.faust_options``; the output producer
+    comes from ``kafka``); ``partitions`` knows the partition counts of the output topics."""
     brokers = [
         f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",") if server.strip()
     ]
@@ -99,6 +187,7 @@ def create_app(settings: Settings, partitions: KeyPartitions) -> tuple[faust.App
         topic_disable_leader=True,
         **faust_options(settings),
     )
+    app.transport = ChunkfoldTransport(app.conf.broker_consumer, app)
     raw: dict[str, Any] = {
         "key_type": bytes,
         "value_type": bytes,
@@ -124,32 +213,31 @@ def create_app(settings: Settings, partitions: KeyPartitions) -> tuple[faust.App
     processor = Processor(settings, TableStore(table, settings.input_topic), highwater=highwater)
     metrics = processor.stats.metrics
 
-    sending = asyncio.Lock()
-    """Held while a batch is folded and its outputs handed to the producer, and while the
-    write-behind captures changed state: a capture then covers only records whose outputs are
-    all in the producer, so the flush before their acknowledgement covers those outputs."""
+    outputs = OutputSender(kafka, settings, partitions, processor.limits)
+    app.add_dependency(outputs)
+    delivered_acks: list[Any] = []
+    """Events that changed no state, acknowledged once the outputs sent before them are delivered."""
 
-    async def send(items: list[Output]) -> None:
-        producer_send = app.producer.send
+    def send(items: list[Output]) -> None:
+        add = outputs.sender.add
         for item in items:
-            partition = partitions(item.topic, item.key)
-            await producer_send(
-                item.topic, item.key, item.value, partition=partition, timestamp=None, headers=None
-            )
+            add(item.topic, item.key, item.value)
 
     @app.agent(chunks, name="fold")
     async def fold(stream: Any) -> None:
-        # Faust's per-record path (a wait_first per message, a send per output awaited one by
-        # one) is what limits this driver: records are taken in batches, their outputs sent
-        # together, and the events that changed no state acknowledged after those sends.
+        # Faust's per-record path is what limits this driver: records are taken in batches and
+        # their outputs handed to the producer together.
+        await outputs.ready.wait()
         async for events in stream.noack_take(BATCH_MAX_RECORDS, within=BATCH_WITHIN_S):
-            async with sending:
-                await _fold_batch(events)
+            # No await between folding a batch and adding its outputs to the sender: a capture
+            # by the write-behind covers only records whose outputs are all in the sender.
+            _fold_batch(events)
+            outputs.sender.kick()
 
-    async def _fold_batch(events: list[Any]) -> None:
-        """Fold a batch and send its outputs; acknowledge the records that changed no state."""
+    def _fold_batch(events: list[Any]) -> None:
+        """Fold a batch and add its outputs to the sender's batches; the records that changed no
+        state wait in ``delivered_acks`` for the next write-behind."""
         out: list[Output] = []
-        done: list[Any] = []
         generation, assigned = app.consumer_generation_id, processor.assigned
         flowing = app.flow_control.is_active()
         for event in events:
@@ -177,19 +265,24 @@ def create_app(settings: Settings, partitions: KeyPartitions) -> tuple[faust.App
                 if message.timestamp is not None:
                     metrics.end_to_end_latency_s.observe(max(0.0, time.time() - message.timestamp))
             if ack_now:
-                done.append(event)
-        await send(out)
-        for event in done:
-            event.ack()
+                delivered_acks.append(event)
+        send(out)
 
     @app.timer(interval=settings.commit_interval_s, name="write_behind")  # type: ignore[untyped-decorator]
     async def write_behind() -> None:
-        async with sending:
-            await send(processor.sweep())
-            batch = processor.capture()
-        if not batch.writes and not batch.acks:
+        if not outputs.ready.is_set():
             return
-        await app.producer.flush()
+        send(processor.sweep())
+        batch = processor.capture()
+        acks, delivered_acks[:] = list(delivered_acks), []
+        mark = outputs.sender.kick()
+        # Every output of the captured records is delivered (a failed delivery raises: the
+        # worker stops, an infrastructure failure) before their state is written and they are
+        # acknowledged.
+        for future in await outputs.sender.take(mark):
+            await future
+        for event in acks:
+            event.ack()
         for handle in processor.apply(batch):
             handle.ack()
 
