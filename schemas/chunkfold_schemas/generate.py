@@ -1,11 +1,12 @@
-"""Write the JSON Schema (draft 2020-12) of every topic record to ``schemas/chunkfold_schemas/json/``.
+"""Write the JSON Schema (draft 2020-12) of every record to ``schemas/chunkfold_schemas/json/``.
 
     python -m chunkfold_schemas.generate            # (re)write the files
     python -m chunkfold_schemas.generate --check    # exit 1 if a committed file is missing or stale
 
-The schemas are generated from the pydantic models (validation mode: what ``parse_*`` accepts),
-so they can never drift from them; the output is deterministic (sorted keys, two-space indent,
-trailing newline) so a regenerated file diffs cleanly. Imports nothing from ``worker``.
+The records are the topics' and the query listener's snapshot. The schemas are generated from
+the pydantic models (validation mode: what ``parse_*`` accepts), so they can never drift from
+them; the output is deterministic (sorted keys, two-space indent, trailing newline) so a
+regenerated file diffs cleanly. Imports nothing from ``worker``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from chunkfold_schemas.deadletter import DeadLetter
 from chunkfold_schemas.done import DoneRecord
 from chunkfold_schemas.events import CompletionEvent
 from chunkfold_schemas.request import RequestContext
+from chunkfold_schemas.snapshot import CompletionSnapshot
 
 DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
 JSON_DIR = Path(__file__).resolve().parent / "json"
@@ -33,10 +35,12 @@ JSON_DIR = Path(__file__).resolve().parent / "json"
 
 @dataclass(frozen=True, slots=True)
 class Contract:
-    """One topic record: its schema file name (without ``.json``), topic and model."""
+    """One record: its schema file name (without ``.json``), topic and model. ``topic`` None:
+    not a topic record but the body of a query listener's response (in the AsyncAPI document
+    under ``components/schemas``)."""
 
     name: str
-    topic: str
+    topic: str | None
     title: str
     description: str
     adapter: TypeAdapter[Any]
@@ -94,6 +98,16 @@ CONTRACTS: tuple[Contract, ...] = (
         "A completion-deadletter value: an input record that could not be folded, kept byte for "
         "byte (base64) with the reason. Key: the rejected record's key.",
         TypeAdapter(DeadLetter),
+    ),
+    Contract(
+        "completion-snapshot",
+        None,
+        "CompletionSnapshot",
+        "The body of GET /completions/{id} on a worker's query listener (not a topic record): the "
+        "completion as it stands. While it streams (status in_progress), what its completion-done "
+        "record would carry if it ended now; once it has ended, while the worker keeps its "
+        "tombstone, its terminal status and event count.",
+        TypeAdapter(CompletionSnapshot),
     ),
 )
 

@@ -136,6 +136,7 @@ def test_schema_files_are_canonical_draft_2020_12() -> None:
             "completion-event.json",
             "completion-done.json",
             "dead-letter.json",
+            "completion-snapshot.json",
         ]
     )
     for path in files:
@@ -786,10 +787,16 @@ def test_asyncapi_document_describes_the_worker() -> None:
     def messages(address: str) -> list[dict[str, Any]]:
         return [_resolve(doc, m["$ref"]) for m in by_address[address]["messages"].values()]
 
-    # Every contract's schema file is the payload of a message on its topic.
+    # Every contract's schema file is the payload of a message on its topic, or (a query
+    # listener's body, no topic) a schema of its own in components/schemas.
+    schema_refs = {json.dumps(schema) for schema in doc["components"]["schemas"].values()}
     for contract in generate.CONTRACTS:
-        payload_refs = {json.dumps(m["payload"]) for m in messages(contract.topic)}
-        assert any(f"./json/{contract.name}.json" in ref for ref in payload_refs), contract.name
+        refs = (
+            schema_refs
+            if contract.topic is None
+            else {json.dumps(m["payload"]) for m in messages(contract.topic)}
+        )
+        assert any(f"./json/{contract.name}.json" in ref for ref in refs), contract.name
 
     # Every JSON payload is a generated schema file (no hand-written copy of a record's shape).
     for name, message in doc["components"]["messages"].items():

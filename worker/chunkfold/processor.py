@@ -22,6 +22,7 @@ from chunkfold.config import Settings
 from chunkfold.core import engine, fit, outputs
 from chunkfold.core.persist import CorruptState, Cursor, completion_of, delete_writes, flush_writes, restore
 from chunkfold.core.records import MAX_KEY_BYTES, InvalidRecord, RecordKind, decode_record
+from chunkfold.core.snapshot import snapshot
 from chunkfold.core.state import AnyState, ClosedCompletion, CompletionState, StateVersionError
 from chunkfold.metrics import Families, Metrics, counter, gauge, histogram, worker_registry
 from chunkfold.state.store import StateStore
@@ -30,6 +31,8 @@ Headers = Sequence[tuple[str, bytes]]
 Fold = Callable[[AnyState | None, str, Any, engine.FoldOptions], engine.FoldResult]
 Highwater = Callable[[int], int | None]
 """The input topic's end offset of a partition (None: not known), for the consumer lag."""
+EventsPartition = Callable[[bytes], int]
+"""The events topic's partition of a completion key (the driver's partitioner)."""
 SWEEP_SLICE = 5_000
 """Completions (open or tombstones) one ``sweep`` call examines: about 5 ms of work."""
 log = logging.getLogger("chunkfold.worker")
@@ -107,6 +110,7 @@ class Processor:
         clock: Callable[[], float] = time.time,
         fold: Fold = engine.fold,
         highwater: Highwater = _no_highwater,
+        events_partition: EventsPartition | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -138,6 +142,11 @@ class Processor:
         self.registry = worker_registry()
         """This worker's Prometheus series (``/metrics``); a driver registers its own here."""
         self.registry.register(Families(self.metric_families))
+        self.events_partition = events_partition
+        """Where a completion's events go; None: no events-topic positions are kept."""
+        self.events_positions: dict[int, int] = {}
+        """Events-topic partition -> an offset every event produced from now on lands at or
+        after (``note_events_position``)."""
 
     # -- records --------------------------------------------------------------------------
 
@@ -200,6 +209,8 @@ class Processor:
             return expired, True
         if result.state is None:
             return expired, True
+        if result.events and result.events[0]["seq"] == 0:
+            self._stamp_events_from(completion_id, result.state)
         self._advance_stream_time(partition, timestamp_ms, now_ms)
         if tracked is None:
             tracked = self.tracked[completion_id] = Tracked(result.state, Cursor(), partition)
@@ -209,6 +220,21 @@ class Processor:
         if handle is not None:
             tracked.pending.append(handle)
         return [*expired, *self._outputs(completion_id, result)], False
+
+    def _stamp_events_from(self, completion_id: str, state: AnyState) -> None:
+        """Record where the completion's first events (being produced now) land at the earliest:
+        the known position of its events partition. A redelivery that produces them again
+        stamps the later position of the copies it produces, which the reader finds all the same."""
+        if self.events_partition is not None:
+            events_partition = self.events_partition(completion_id.encode("utf-8"))
+            state.events_from = self.events_positions.get(events_partition)
+
+    def note_events_position(self, partition: int, next_offset: int) -> None:
+        """The events topic's ``partition`` holds records up to ``next_offset - 1``: every event
+        handed to the producer after this call lands at ``next_offset`` or later. Keeps the
+        largest (delivery reports may arrive out of order)."""
+        if next_offset > self.events_positions.get(partition, -1):
+            self.events_positions[partition] = next_offset
 
     def _advance_stream_time(self, partition: int, timestamp_ms: int | None, now_ms: int) -> None:
         """Stream time (the sweep's "now" while a partition is busy) moves only for records that
@@ -460,6 +486,30 @@ class Processor:
         if last_record_at is not None and wall_ms - last_record_at < idle_ms:
             return self.stream_time.get(partition, wall_ms)
         return wall_ms
+
+    # -- queries --------------------------------------------------------------------------
+
+    def snapshot(self, completion_id: str, *, committed: bool = False) -> dict[str, Any] | None:
+        """The completion as it stands (``core.snapshot``), or None when no state for it (open
+        or tombstone) is held in a partition assigned here. From memory, or with ``committed``
+        from the store as last written (what a worker that took the partition over now would
+        restore), decoded afresh and not kept. Changes nothing: no state, no stats.
+
+        Raises ``CorruptState`` / ``StateVersionError`` (``committed`` only) when the stored
+        state does not read back."""
+        if committed:
+            restored = restore(completion_id, self.store.get)
+            if restored is None or restored.partition is None:
+                return None
+            state, partition = restored.state, restored.partition
+        else:
+            tracked = self.tracked.get(completion_id)
+            if tracked is None:
+                return None
+            state, partition = tracked.state, tracked.partition
+        if partition not in self.assigned:
+            return None
+        return snapshot(state, partition)
 
     # -- ownership ------------------------------------------------------------------------
 

@@ -7,8 +7,8 @@ O(size of the chunk): text is appended to buffers and only parsed whole once, at
 Snapshots and partial parses on delta events (what the SDK recomputes per chunk) are opt-in.
 
 This module is the step and its API (``fold``, ``expire``, ``fail``, ``idle_since_ms``,
-``FoldOptions``, ``FoldResult``): which records apply, the two phases of a chunk, and the close
-that publishes the one done record. It delegates to modules that only the engine calls
+``expiry_preview``, ``FoldOptions``, ``FoldResult``): which records apply, the two phases of a
+chunk, and the close that publishes the one done record. It delegates to modules that only the engine calls
 (``completion.sdk_final`` excepted, for replays in SDK mode):
 
 - ``accumulate``: a chunk's deltas folded into the state (the one-choice fast path included);
@@ -295,6 +295,24 @@ def _close(
     """Publish the one ``completion-done`` record and leave a tombstone. ``status`` None: the
     stream ended (``[DONE]`` or an error frame); else ``aborted`` / ``expired`` / ``failed``.
     Statuses are ``Status`` members, or their plain strings when kept in a restored state."""
+    result.done = _final_record(state, status, abort_reason)
+    result.state = _tombstone(state, result.done["status"], now_ms)
+
+
+def expiry_preview(state: CompletionState) -> dict[str, Any]:
+    """The done record ``expire`` would publish for ``state`` now, leaving ``state`` exactly as
+    it was: parsing spends from the completion's validation budget, which is given back (an
+    expiry would spend it from the same remainder, so the record is the same)."""
+    spent = state.counters.validation_steps
+    try:
+        return _final_record(state, Status.EXPIRED, None)
+    finally:
+        state.counters.validation_steps = spent
+
+
+def _final_record(state: CompletionState, status: str | None, abort_reason: Any) -> dict[str, Any]:
+    """The done record of ``_close`` (which see); changes nothing in ``state`` but the
+    validation budget its parses spend."""
     error: dict[str, Any] | None = state.error
     if status is None and state.status is not None:
         status = state.status
@@ -312,14 +330,20 @@ def _close(
             error = {"type": "Aborted", "message": str(abort_reason)}
     if error is None and state.spec.schema_problem is not None:
         error = {"type": "SchemaError", "message": state.spec.schema_problem}
-    result.done = _done_record(state, status, error, completion)
-    result.state = _tombstone(state, status, now_ms)
+    return _done_record(state, status, error, completion)
 
 
 def _tombstone(state: CompletionState, status: str, now_ms: int | None) -> ClosedCompletion:
     """What a finished completion leaves: enough to recognise its late and replayed records."""
     return ClosedCompletion(
-        state.completion_id, status, state.last_offset, state.next_seq, now_ms, state.last_activity_ms
+        state.completion_id,
+        status,
+        state.last_offset,
+        state.next_seq,
+        now_ms,
+        state.last_activity_ms,
+        events_from=state.events_from,
+        event_count=state.event_seq,
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from chunkfold.core import codec
 from chunkfold.core.validation import check_schema
 
-STATE_VERSION = 5
+STATE_VERSION = 6
 """2: the counters no longer hold ``replayed_skipped`` and ``records_after_end`` (a v1 state is
 still read: those two are dropped). 3: logprob buffers hold normalized entries (a v1/v2 state is
 still read: its buffers are marked ``logprobs_wire`` and normalized when they are output).
@@ -21,7 +21,8 @@ still read: its buffers are marked ``logprobs_wire`` and normalized when they ar
 both 0; a worker of an older release refuses a v4 state as unreadable instead of misreading
 it). 5: the counters end with ``id_mismatches`` and ``unknown_content_parts``, an open state may
 hold ``other_ids`` and a tombstone ``awaits_done`` (a v3/v4 state is read with the counters 0,
-no ids and no awaited ``[DONE]``)."""
+no ids and no awaited ``[DONE]``). 6: an open state and a tombstone may hold ``events_from``, a
+tombstone its ``event_count`` (a v3-v5 state is read with neither: None)."""
 
 MAX_OTHER_IDS = 8
 """How many distinct chunk ids other than the completion's own a done record lists (the count
@@ -191,6 +192,10 @@ class CompletionState:
     last_activity_ms: int | None = None
     other_ids: list[str] = field(default_factory=list)
     """The first ``MAX_OTHER_IDS`` distinct chunk ids other than ``completion_id``."""
+    events_from: int | None = None
+    """A lower bound of the events-topic offset of the completion's first event (stamped by the
+    worker when a record gives it its first events; None: unknown), so a reader that resumes
+    its events can seek there instead of scanning the topic."""
 
     def choice(self, index: int) -> ChoiceState:
         state = self.choices.get(index)
@@ -213,6 +218,10 @@ class ClosedCompletion:
     awaits_done: bool = False
     """It ended on an error frame: one ``[DONE]`` may still follow (OpenRouter sends it), and is
     taken quietly instead of being reported as a record after the end."""
+    events_from: int | None = None
+    """The open state's ``events_from``, kept while the tombstone lives."""
+    event_count: int | None = None
+    """How many events the completion published (None: a tombstone written before v6)."""
 
 
 AnyState = CompletionState | ClosedCompletion
@@ -254,6 +263,8 @@ def state_to_dict(state: AnyState, buffers: BufferCodec = FULL, *, compact: bool
             "closed_at_ms": state.closed_at_ms,
             "last_activity_ms": state.last_activity_ms,
             **({"awaits_done": True} if state.awaits_done else {}),
+            **({"events_from": state.events_from} if state.events_from is not None else {}),
+            **({"event_count": state.event_count} if state.event_count is not None else {}),
         }
     data = {
         "v": STATE_VERSION,
@@ -277,6 +288,8 @@ def state_to_dict(state: AnyState, buffers: BufferCodec = FULL, *, compact: bool
     }
     if state.other_ids:  # absent otherwise: the common state keeps its bytes
         data["other_ids"] = state.other_ids
+    if state.events_from is not None:
+        data["events_from"] = state.events_from
     if not compact:
         data["request"] = state.request
     return data
@@ -345,7 +358,7 @@ def state_from_dict(
         data = {**data, "v": STATE_VERSION}
         if "choices" in data:
             data["choices"] = [{**c, "logprobs": [*c["logprobs"], c["logprobs"][0]]} for c in data["choices"]]
-    if data.get("v") in (3, 4):  # fewer counters: the ones added since read as 0
+    if data.get("v") in (3, 4, 5):  # fewer counters (read as 0), no events_from / event_count
         data = {**data, "v": STATE_VERSION}
     if data.get("v") != STATE_VERSION:
         raise StateVersionError(f"unsupported state version {version!r}")
@@ -358,6 +371,8 @@ def state_from_dict(
             data["closed_at_ms"],
             data["last_activity_ms"],
             data.get("awaits_done", False),
+            data.get("events_from"),
+            data.get("event_count"),
         )
     if "request" in data:
         request = data["request"]
@@ -373,6 +388,7 @@ def state_from_dict(
         error=data["error"],
         counters=Counters(*data["counters"]),
         other_ids=data.get("other_ids", []),
+        events_from=data.get("events_from"),
     )
     state.last_offset, state.next_seq, state.event_seq = data["pos"]
     (
