@@ -23,9 +23,10 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSetti
 
 ENV_PREFIX = "CHUNKFOLD_"
 BOOTSTRAP_ENV = "KAFKA_BOOTSTRAP_SERVERS"
-OTHER_VARIABLES = frozenset({"CHUNKFOLD_KAFKA_PORT"})
+OTHER_VARIABLES = frozenset({"CHUNKFOLD_KAFKA_PORT", "CHUNKFOLD_QUERY_URL"})
 """``CHUNKFOLD_`` variables that are no settings but no typos either: read by other tools of the
-project (the development broker's port, ``deploy/kafka/kafka.py``)."""
+project (the development broker's port, ``deploy/kafka/kafka.py``; the query listener
+``chunkfold watch`` asks when no ``--url`` is given)."""
 
 Driver = Literal["direct", "faust"]
 ProcessingGuarantee = Literal["at_least_once", "exactly_once"]

@@ -1,4 +1,4 @@
-"""The ``chunkfold`` command: ``replay``, ``worker``, ``produce``, ``tail``, ``audit-sink``.
+"""The ``chunkfold`` command: ``replay``, ``worker``, ``produce``, ``tail``, ``watch``, ``audit-sink``.
 
 Each command is a module of this package with ``register(subcommands)``; the options they
 share are defined once in ``chunkfold.cli.options``. Bad input (arguments, files, or a
@@ -19,12 +19,12 @@ from chunkfold.core.inputs import InputError
 from chunkfold.kafka_checks import StartupError
 
 # relative: inside its own __init__, mypy finds the package's submodules only so
-from . import audit_sink, produce, replay, tail, worker
+from . import audit_sink, produce, replay, tail, watch, worker
 
 STARTUP_FAILED = 3
 """Exit status when the Kafka cluster refuses or lacks what a command needs."""
 
-COMMANDS = (replay, worker, produce, tail, audit_sink)
+COMMANDS = (replay, worker, produce, tail, watch, audit_sink)
 """In the order ``chunkfold --help`` lists them. Every dependency of these is declared: an
 ImportError is a broken install and must show, not silently remove a command."""
 
