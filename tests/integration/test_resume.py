@@ -1,4 +1,5 @@
-"""Resuming a completion's events (``EventsSource.resume_events``) on a real broker.
+"""Resuming a completion's events (``EventsSource.resume_events``) on a real broker, and
+``chunkfold watch`` following a live completion from a worker's query listener to its end.
 
 Event records are written straight to an events topic, several completions interleaved on the
 same partitions and some seqs written twice (as an at-least-once redelivery does), behind
@@ -14,9 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -28,7 +35,18 @@ from chunkfold.core.outputs import event_value
 from chunkfold.drivers.partitions import KeyPartitions
 from chunkfold.kafka_io import KafkaClients, ensure_topics, make_producer
 from chunkfold.query.resume import EventsSource, ResumeError
-from tests.harness import fresh_settings
+from tests.harness import (
+    WorkerProcess,
+    collect,
+    done_count,
+    fresh_settings,
+    produce,
+    settings_env,
+    start_workers,
+    wait_for,
+)
+from tests.postgres import free_port
+from tests.shapes import gateway_records
 
 pytestmark = pytest.mark.integration
 
@@ -384,3 +402,41 @@ def test_a_stream_closed_or_cancelled_midway_stops_its_consumer(topic: Topic) ->
         return clients.consumers
 
     assert [c.stopped for c in asyncio.run(scenario())] == [True, True]
+
+
+def test_watch_follows_a_live_completion_from_a_worker_to_its_end(
+    kafka: str, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    """``chunkfold watch`` started while the completion is half folded, with the worker's
+    environment (its query port), prints the events from --from-seq on as the worker published
+    them, and exits 0 after the last."""
+    settings = fresh_settings(kafka, query_port=free_port())
+    start_workers(settings, 1, tmp_path, workers)
+    completion_id = f"watched ✓/{uuid.uuid4().hex[:6]}"
+    records = gateway_records(15, completion_id)
+    produce(settings, records[: len(records) // 2])
+    url = f"http://127.0.0.1:{settings.query_port}/completions/{urllib.parse.quote(completion_id, safe='')}"
+
+    def in_progress() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                return bool(orjson.loads(answer.read())["status"] == "in_progress")
+        except urllib.error.HTTPError:
+            return False
+
+    wait_for(in_progress, 60, "the completion open on the worker")
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "chunkfold.cli", "watch", completion_id, "--from-seq", "3"],
+        env=settings_env(settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        produce(settings, records[len(records) // 2 :])
+        out, err = watch.communicate(timeout=120)
+    finally:
+        watch.kill()
+    assert watch.returncode == 0, err.decode()
+    published = collect(settings, done_count(1)).events_by_id()[completion_id]
+    assert len(published) > 3
+    assert [orjson.loads(line) for line in out.splitlines()] == published[3:]
