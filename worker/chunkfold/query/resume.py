@@ -8,9 +8,10 @@ Events message (what ``GET /completions/{id}/events`` streams).
 Where reading starts: the completion's state records ``events_from``, a lower bound of the
 offset of its first event on its events partition, so the reader seeks there and filters by key
 instead of scanning the topic. Without it: a completion without events yet starts at the
-partition's end (taken before the snapshot: every event it publishes later lands there or
-after); one whose events were published but whose position is unknown starts at the
-partition's beginning (a scan of the partition, the price of a worker that keeps no positions).
+partition's end (taken before a fresh snapshot that still shows none: every event it publishes
+later lands there or after); one whose events were published but whose position is unknown, or
+that the first snapshot does not know, starts at the partition's beginning (a scan of the
+partition, the price of a worker that keeps no positions).
 
 Where reading ends: the reader asks ``snapshot()`` whenever it has caught up with the
 partition (a fetch returned nothing and its position reached the high watermark, or the last
