@@ -22,6 +22,7 @@ from typing import Any
 
 import faust
 import mode
+from aiokafka import TopicPartition
 from faust.transport.drivers.aiokafka import Consumer as FaustKafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as FaustKafkaTransport
 from faust.types import TP
@@ -29,11 +30,13 @@ from mode.services import WaitResults
 
 from chunkfold.config import Settings
 from chunkfold.drivers import PRODUCER_LINGER_MS
-from chunkfold.drivers.direct.sender import BatchSender
+from chunkfold.drivers.direct.sender import BatchSender, delivered_ends
 from chunkfold.drivers.partitions import KeyPartitions
 from chunkfold.kafka_io import KafkaClients
 from chunkfold.kafka_security import faust_options
 from chunkfold.processor import Output, Processor
+from chunkfold.query.resume import EventsSource
+from chunkfold.query.server import serve_queries
 from chunkfold.state.faust_table import TableStore
 from chunkfold.web import Page, Pages
 
@@ -44,6 +47,9 @@ BATCH_WITHIN_S = 0.005
 """A batch is what Faust has fetched, up to 500 records; at low rates a record waits at most
 5 ms for others to join it."""
 PRODUCER_BUFFER_MESSAGES = 20_000
+NO_QUERY_LISTENER = "http://no-query-listener.invalid"
+"""The canonical URL a member without a query listener advertises through Faust's assignor (a
+reserved, unresolvable name): the others know it has nothing to forward to."""
 PRODUCER_BATCH_BYTES = 512 * 1024
 """As the direct driver's: an output batch is at most this large (or the smallest topic limit)."""
 
@@ -76,6 +82,41 @@ class DirectDeliveryConsumer(FaustKafkaConsumer):
         return await super().wait_first(*coros, timeout=timeout)
 
 
+class FaustOwners:
+    """The Faust driver's ``chunkfold.query.owners.Owners``: Faust's own assignor carries every
+    member's canonical URL (the advertised query URL here) and hands every member the map of
+    which URL holds which partition of the input topic (``Router.external_topics_metadata``)."""
+
+    def __init__(self, app: faust.App, input_topic: str, processor: Processor) -> None:
+        self.app, self.input_topic, self.processor = app, input_topic, processor
+
+    def owner(self, partition: int) -> str | None:
+        for url, topics in self.app.router.external_topics_metadata().items():
+            if partition in topics.get(self.input_topic, ()):
+                return "" if url.rstrip("/") == NO_QUERY_LISTENER else url.rstrip("/")
+        return None
+
+    def settled(self) -> bool:
+        return not (self.app.rebalancing or self.app.in_recovery) and bool(self.processor.assigned)
+
+
+class QueryListener(mode.Service):
+    """The query listener (``chunkfold.query.server``) of a Faust worker, started after Faust's
+    recovery has begun and stopped with the app."""
+
+    def __init__(self, start: Callable[[], Awaitable[Any]]) -> None:
+        super().__init__()
+        self.start_listener = start
+        self.runner: Any = None
+
+    async def on_start(self) -> None:
+        self.runner = await self.start_listener()
+
+    async def on_stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
 class ChunkfoldTransport(FaustKafkaTransport):
     """Faust's aiokafka transport with ``DirectDeliveryConsumer``."""
 
@@ -96,13 +137,17 @@ class OutputSender(mode.Service):
     """The worker's outputs go through the direct driver's ``BatchSender`` on a producer of their
     own, not Faust's producer: that one awaits an aiokafka ``send`` (a future, a partitioner call)
     per record. Faust's producer keeps the table's changelog writes. Started before the agents
-    (a dependency of the app, added before Faust's own), stopped after them."""
+    (a dependency of the app, added before Faust's own), stopped after them. Delivery reports of
+    the events topic's batches tell ``processor`` the events positions (``note_events_position``),
+    seeded at start with the topic's end offsets."""
 
     def __init__(
-        self, kafka: KafkaClients, settings: Settings, partitions: KeyPartitions, limits: dict[str, int]
+        self, kafka: KafkaClients, settings: Settings, partitions: KeyPartitions, processor: Processor
     ) -> None:
         super().__init__()
-        self.kafka, self.settings, self.limits = kafka, settings, limits
+        self.kafka, self.settings, self.processor = kafka, settings, processor
+        self.limits = processor.limits
+        """The output topics' record limits, known once the worker command read them."""
         self.partitions = partitions
         self.ready = asyncio.Event()
         self._sender: BatchSender | None = None
@@ -123,9 +168,21 @@ class OutputSender(mode.Service):
             max_batch_size=min(PRODUCER_BATCH_BYTES, *self.limits.values()),
         )
         await producer.start()
-        sender = BatchSender(producer)
+        sender = BatchSender(producer, tracked_topics=(s.events_topic,))
         sender.partitions = self.partitions
         await sender.start((s.events_topic, s.done_topic, s.deadletter_topic))
+        # No event this worker produces can land before the events topic's end offsets now.
+        reader = self.kafka.consumer(group_id=None, enable_auto_commit=False)
+        await reader.start()
+        try:
+            events = self.settings.events_topic
+            ends = await reader.end_offsets(
+                [TopicPartition(events, p) for p in range(self.partitions.counts[events])]
+            )
+        finally:
+            await reader.stop()
+        for tp, end in ends.items():
+            self.processor.note_events_position(tp.partition, end)
         self._sender = sender
         self.ready.set()
 
@@ -169,6 +226,9 @@ def create_app(
         web_stats_enabled=False,
         web_graph_enabled=False,
         web_metrics_enabled=False,
+        # The query listener's URL travels in the group's member metadata (Faust's assignor), so
+        # that every member knows where each input partition can be asked about.
+        canonical_url=settings.query_url() if settings.query_port > 0 else NO_QUERY_LISTENER,
         producer_acks=-1,
         producer_linger_ms=PRODUCER_LINGER_MS,
         producer_max_request_size=settings.max_message_bytes,
@@ -210,10 +270,18 @@ def create_app(
             return None
         return None if value is None else int(value)
 
-    processor = Processor(settings, TableStore(table, settings.input_topic), highwater=highwater)
+    def events_partition(key: bytes) -> int:
+        return partitions(settings.events_topic, key)
+
+    processor = Processor(
+        settings,
+        TableStore(table, settings.input_topic),
+        highwater=highwater,
+        events_partition=events_partition,
+    )
     metrics = processor.stats.metrics
 
-    outputs = OutputSender(kafka, settings, partitions, processor.limits)
+    outputs = OutputSender(kafka, settings, partitions, processor)
     app.add_dependency(outputs)
     delivered_acks: list[Any] = []
     """Events that changed no state, acknowledged once the outputs sent before them are delivered."""
@@ -281,6 +349,8 @@ def create_app(
         # acknowledged.
         for future in await outputs.sender.take(mark):
             await future
+        for partition, end in delivered_ends(outputs.sender.take_tracked(settings.events_topic)).items():
+            processor.note_events_position(partition, end)
         for event in acks:
             event.ack()
         for handle in processor.apply(batch):
@@ -307,6 +377,20 @@ def create_app(
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(_sender: Any, *args: Any, **_: Any) -> None:
         processor.revoke(tp.partition for tp in args[0] if tp.topic == settings.input_topic)
+
+    if settings.query_port > 0:
+        input_partitions = KeyPartitions({settings.input_topic: settings.partitions})
+
+        async def start_queries() -> Any:
+            return await serve_queries(
+                settings,
+                processor,
+                FaustOwners(app, settings.input_topic, processor),
+                lambda key: input_partitions(settings.input_topic, key),
+                EventsSource(settings, kafka, events_partition),
+            )
+
+        app.add_dependency(QueryListener(start_queries))
 
     pages = Pages(processor, recovering=lambda: bool(app.rebalancing or app.in_recovery))
     for path, page in pages.routes().items():
