@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 
-from tests.bench import engine_section, kafka_section, replay_section
+from tests.bench import engine_section, kafka_section, query_section, replay_section
 from tests.bench.context import BenchContext, SectionResult
 
 Section = Callable[[BenchContext], SectionResult]
@@ -22,6 +22,7 @@ Section = Callable[[BenchContext], SectionResult]
 SECTIONS: dict[str, Section] = {
     "engine": engine_section.run,
     "kafka": kafka_section.run,
+    "queries": query_section.run,
     "replay": replay_section.run,
 }
 

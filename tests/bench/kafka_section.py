@@ -23,9 +23,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -71,6 +72,15 @@ FAUST_TARGET = 0.25
 P99_TARGET_MS = 50.0
 CHANGELOG_TARGET = 3.0
 
+During = Callable[[Settings], contextlib.AbstractContextManager[object]]
+"""What else runs while a worker is measured (another section's load on it), given the
+worker's settings: entered once the worker runs, left when the measurement ends."""
+NO_OVERRIDES: Mapping[str, Any] = MappingProxyType({})
+
+
+def nothing_during(_settings: Settings) -> contextlib.AbstractContextManager[object]:
+    return contextlib.nullcontext()
+
 
 # -- workload --------------------------------------------------------------------------------
 
@@ -112,7 +122,7 @@ class Workload:
 
 
 @dataclass
-class _Template:
+class CompletionTemplate:
     records: list[GatewayRecord]
     first_seq: dict[int, int]
     """record position in the stream -> seq of the first event it yields (chunks only)."""
@@ -126,7 +136,7 @@ def _is_chunk(record: GatewayRecord) -> bool:
     return _header(record, KIND_HEADER) is None and record.value != b"[DONE]"
 
 
-def _templates(seed: int) -> list[_Template]:
+def completion_templates(seed: int) -> list[CompletionTemplate]:
     """Distinct completions (about ``POOL_CHUNKS`` chunks), each folded once offline to learn
     which of its chunk records yields which first event."""
     rng = random.Random(seed)
@@ -141,14 +151,14 @@ def _templates(seed: int) -> list[_Template]:
     settings = Settings()
     processor = Processor(settings, MemoryStore())
     processor.assign([0])
-    templates: list[_Template] = []
+    templates: list[CompletionTemplate] = []
     for records in streams:
         first_seq: dict[int, int] = {}
         for position, (r, outputs) in enumerate(zip(records, feed(processor, records), strict=True)):
             events = [o for o in outputs if o.topic == settings.events_topic]
             if events and _is_chunk(r):
                 first_seq[position] = int(orjson.loads(events[0].value)["seq"])
-        templates.append(_Template(records, first_seq))
+        templates.append(CompletionTemplate(records, first_seq))
     return templates
 
 
@@ -160,7 +170,7 @@ def _renamed(template: list[GatewayRecord], suffix: str) -> list[GatewayRecord]:
     return [GatewayRecord(new, r.value.replace(old_id, new_id), r.headers) for r in template]
 
 
-def build_workload(templates: list[_Template], chunks: int, tag: str, seed: int) -> Workload:
+def build_workload(templates: list[CompletionTemplate], chunks: int, tag: str, seed: int) -> Workload:
     """At least ``chunks`` chunk records: the templates cycled under new ids, interleaved
     ``CONCURRENCY`` completions at a time."""
     streams: list[list[GatewayRecord]] = []
@@ -189,14 +199,14 @@ def build_workload(templates: list[_Template], chunks: int, tag: str, seed: int)
 # -- processes, metrics -----------------------------------------------------------------------
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` (all its threads) so far."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -205,7 +215,7 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _load() -> float:
+def load_average() -> float:
     try:
         return os.getloadavg()[0]
     except OSError:
@@ -384,7 +394,7 @@ async def _drain(
                     ts = m.timestamp / 1000
                     if got.first_wall is None:
                         got.first_wall = time.time()
-                        got.cpu_at_first = _cpu_seconds(proc.pid)
+                        got.cpu_at_first = cpu_seconds(proc.pid)
                         deadline = time.monotonic() + cap
                     got.first_ts = min(got.first_ts, ts)
                     got.outputs += 1
@@ -409,20 +419,31 @@ def worker_throughput(
     workdir: Path,
     driver: str = Settings().driver,
     guarantee: str = Settings().processing_guarantee,
+    *,
+    settings_overrides: Mapping[str, Any] = NO_OVERRIDES,
+    during: During = nothing_during,
 ) -> tuple[Throughput, Changelog]:
+    """The worker draining ``workload`` from a backlog; ``settings_overrides`` add to (or
+    replace) its settings, ``during`` runs alongside it from its start until it is stopped."""
     settings = fresh_settings(
         servers,
-        partitions=PARTITIONS,
-        web_port=_free_port(),
-        commit_interval_s=Settings().commit_interval_s,
-        driver=driver,
-        processing_guarantee=guarantee,
+        **{
+            "partitions": PARTITIONS,
+            "web_port": free_port(),
+            "commit_interval_s": Settings().commit_interval_s,
+            "driver": driver,
+            "processing_guarantee": guarantee,
+            **settings_overrides,
+        },
     )
     default = driver == Settings().driver and guarantee == Settings().processing_guarantee
     topics = [settings.input_topic, settings.events_topic, settings.done_topic, settings.deadletter_topic]
     asyncio.run(ensure_topics(servers, topics, PARTITIONS))
     asyncio.run(publish(settings, workload.records))
-    with running_worker(settings, workdir / f"worker-throughput-{driver}-{guarantee}.log") as worker:
+    with (
+        running_worker(settings, workdir / f"worker-throughput-{driver}-{guarantee}.log") as worker,
+        during(settings),
+    ):
         assert worker.proc is not None
         pid = worker.proc.pid
         got = asyncio.run(
@@ -442,14 +463,14 @@ def worker_throughput(
             chunks, span, cpu = (
                 workload.chunks,
                 got.last_ts - got.first_ts,
-                _cpu_seconds(pid) - got.cpu_at_first,
+                cpu_seconds(pid) - got.cpu_at_first,
             )
             metrics = _settled_metrics(settings.web_port)
         else:
             time.sleep(settings.commit_interval_s + 0.5)  # finished completions' last writes
             metrics = scrape(settings.web_port)
             now = time.time()
-            cpu = _cpu_seconds(pid) - got.cpu_at_first
+            cpu = cpu_seconds(pid) - got.cpu_at_first
             chunks, span = int(_total(metrics, "chunkfold_chunks_in_total")), now - got.first_ts
         result = Throughput(
             "chunkfold worker"
@@ -458,7 +479,7 @@ def worker_throughput(
             chunks,
             span,
             cpu,
-            _load(),
+            load_average(),
             complete,
             ""
             if complete
@@ -500,7 +521,7 @@ def pipe_throughput(servers: str, workload: Workload, cap: float, workdir: Path)
     try:
         assert pipe.proc is not None
         got = asyncio.run(_drain(servers, [sink], None, len(workload.records), pipe.proc, cap))
-        cpu = _cpu_seconds(pipe.proc.pid) - got.cpu_at_first
+        cpu = cpu_seconds(pipe.proc.pid) - got.cpu_at_first
         if got.first_wall is None:
             raise RuntimeError(f"the aiokafka pipe published nothing:\n{pipe.log_tail()}")
     finally:
@@ -512,7 +533,7 @@ def pipe_throughput(servers: str, workload: Workload, cap: float, workdir: Path)
         chunks,
         got.last_ts - got.first_ts,
         cpu,
-        _load(),
+        load_average(),
         complete,
         "" if complete else f"stopped after {cap:.0f} s",
     )
@@ -609,6 +630,17 @@ class Latency:
         return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
 
+def send_schedule(workload: Workload, rate: float) -> list[float]:
+    """When the load generator sends each record of ``workload``, in s after its start: chunks
+    at ``rate`` per second, any other record with the chunk after it."""
+    due: list[float] = []
+    chunks = 0
+    for is_chunk in workload.chunk:
+        due.append(chunks / rate)
+        chunks += is_chunk
+    return due
+
+
 async def _measure_latency(
     servers: str,
     out_topic: str,
@@ -622,11 +654,7 @@ async def _measure_latency(
     (send time, first-event arrival time, nan if none) and the time reading stopped."""
     expected = workload.first_event if is_worker else workload.by_position
     arrival = [math.nan] * len(workload.records)
-    due: list[float] = []
-    chunks = 0
-    for is_chunk in workload.chunk:
-        due.append(chunks / rate)
-        chunks += is_chunk
+    due = send_schedule(workload, rate)
     plan_file, times_file = workdir / f"plan-{out_topic}.pickle", workdir / f"sent-{out_topic}.f64"
     LoadPlan([(r.key, r.value, r.headers) for r in workload.records], due).dump(plan_file)
     consumer = await _assigned_consumer(servers, [out_topic])
@@ -684,13 +712,21 @@ def latency_run(
     worker: bool,
     workdir: Path,
     guarantee: str = Settings().processing_guarantee,
+    settings_overrides: Mapping[str, Any] = NO_OVERRIDES,
+    during: During = nothing_during,
 ) -> Latency:
+    """``workload`` offered at ``rate`` to a worker (or the pipe); for a worker,
+    ``settings_overrides`` add to (or replace) its settings and ``during`` runs alongside it
+    from when it is ready to the end of the measurement."""
     settings = fresh_settings(
         servers,
-        partitions=PARTITIONS,
-        web_port=_free_port(),
-        commit_interval_s=Settings().commit_interval_s,
-        processing_guarantee=guarantee,
+        **{
+            "partitions": PARTITIONS,
+            "web_port": free_port(),
+            "commit_interval_s": Settings().commit_interval_s,
+            "processing_guarantee": guarantee,
+            **settings_overrides,
+        },
     )
     exactly_once = guarantee == "exactly_once"
     topics = [settings.input_topic, settings.events_topic, settings.done_topic, settings.deadletter_topic]
@@ -700,19 +736,20 @@ def latency_run(
 
     def measure(pid: int) -> tuple[list[float], list[float], float, float]:
         """The latency run against the consumer process ``pid``, plus that process's CPU share."""
-        cpu, wall = _cpu_seconds(pid), time.time()
+        cpu, wall = cpu_seconds(pid), time.time()
         sent, arrival, stopped = asyncio.run(
             _measure_latency(
                 servers, settings.events_topic, workload, rate, settings.input_topic, worker, workdir
             )
         )
-        return sent, arrival, stopped, (_cpu_seconds(pid) - cpu) / (time.time() - wall)
+        return sent, arrival, stopped, (cpu_seconds(pid) - cpu) / (time.time() - wall)
 
     if worker:
         with running_worker(settings, workdir / f"worker-latency-{rate:.0f}-{guarantee}.log") as process:
             wait_worker_ready(process)
             assert process.proc is not None
-            sent, arrival, stopped, cpu_share = measure(process.proc.pid)
+            with during(settings):
+                sent, arrival, stopped, cpu_share = measure(process.proc.pid)
             metrics = scrape(settings.web_port)
             processed = _total(metrics, "chunkfold_chunks_in_total") / (time.time() - min(sent))
             inside = _histogram_quantiles(metrics, "chunkfold_end_to_end_latency_seconds")
@@ -753,7 +790,7 @@ def latency_run(
         kept_up,
         processed,
         stopped - start,
-        _load(),
+        load_average(),
         cpu_share,
         inside,
     )
@@ -865,6 +902,23 @@ def _intro(ctx: BenchContext, servers: str, started_broker: bool) -> None:
     )
 
 
+@contextlib.contextmanager
+def bench_broker() -> Iterator[tuple[str, bool]]:
+    """(bootstrap servers, whether started here): ``KAFKA_BOOTSTRAP_SERVERS``, else a single-node
+    broker started from the Maven jars and stopped on exit."""
+    configured = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "")
+    if configured:
+        yield configured, False
+        return
+    from tests.conftest import kafka_module
+
+    broker: Any = kafka_module().Broker()
+    try:
+        yield broker.start(), True
+    finally:
+        broker.close()
+
+
 def run(ctx: BenchContext) -> SectionResult:
     started = time.perf_counter()
     # aiokafka's retried NotLeaderForPartition warnings right after topic creation are noise here
@@ -873,24 +927,15 @@ def run(ctx: BenchContext) -> SectionResult:
     throughput_chunks = THROUGHPUT_CHUNKS // 3 if ctx.quick else THROUGHPUT_CHUNKS
     cap = THROUGHPUT_CAP_S / 2 if ctx.quick else THROUGHPUT_CAP_S
     seconds = LATENCY_S / 2 if ctx.quick else LATENCY_S
-    templates = _templates(ctx.seed)
+    templates = completion_templates(ctx.seed)
     thr = build_workload(templates, throughput_chunks, "t", ctx.seed)
     lat = build_workload(templates, int(LATENCY_RATE * seconds), "l", ctx.seed + 1)
-    servers = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "")
-    broker: Any = None
-    with tempfile.TemporaryDirectory(prefix="chunkfold-bench-") as tmp:
-        workdir = Path(tmp)
-        try:
-            if not servers:
-                from tests.conftest import kafka_module
-
-                broker = kafka_module().Broker()
-                servers = broker.start()
-            _intro(ctx, servers, broker is not None)
-            verdicts = _measure(ctx, servers, thr, lat, cap, seconds, workdir)
-        finally:
-            if broker is not None:
-                broker.close()
+    with (
+        tempfile.TemporaryDirectory(prefix="chunkfold-bench-") as tmp,
+        bench_broker() as (servers, started_broker),
+    ):
+        _intro(ctx, servers, started_broker)
+        verdicts = _measure(ctx, servers, thr, lat, cap, seconds, Path(tmp))
     ctx.out(
         f"\nkafka section: {time.perf_counter() - started:.0f} s; load average (1/5/15 min) "
         f"{'/'.join(f'{x:.1f}' for x in load_before)} before, "
