@@ -1,6 +1,8 @@
 """``make run`` (``python -m tests.demo`` from the checkout): a local broker (unless
 ``KAFKA_BOOTSTRAP_SERVERS`` is set), a worker, and a demo producer that replays recorded and
-generated streams at a realistic pace, with live progress.
+generated streams at a realistic pace, with live progress. The worker's query listener is on
+(loopback, a free port unless ``CHUNKFOLD_QUERY_PORT`` says otherwise; 0 turns it off), and the
+demo prints one ``curl`` line that follows a completion live.
 
 Development only, never packaged: it needs the checkout (``deploy/kafka/`` for the broker, the
 recorded fixtures under ``tests/fixtures``) and runs the installed ``chunkfold worker``."""
@@ -10,14 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import aiohttp
 import orjson
 
 from chunkfold.config import Settings
@@ -30,6 +36,9 @@ ROOT = Path(__file__).resolve().parents[2]
 """The checkout (tests/demo/__main__.py is two levels down)."""
 CHUNK_GAP_S = 0.025
 CONCURRENT = 24
+QUERY_PORT_VARIABLE = "CHUNKFOLD_QUERY_PORT"
+LISTENER_WAIT_S = 90.0
+"""How long the demo waits for the worker's query listener to know the watched completion."""
 
 
 def _log(message: str) -> None:
@@ -83,17 +92,35 @@ class Progress:
         )
 
 
-async def produce_forever(settings: Settings, progress: Progress, stop: asyncio.Event) -> None:
+def longest_first(streams: list[list[GatewayRecord]]) -> list[list[GatewayRecord]]:
+    """``streams`` with the one of the most records moved to the front: the producer starts it
+    first, under the id ``watched_id`` gives, and it streams longest (the one to watch)."""
+    longest = max(range(len(streams)), key=lambda i: len(streams[i]))
+    return [streams[longest], *streams[:longest], *streams[longest + 1 :]]
+
+
+def completion_id(template: list[GatewayRecord], started: int, templates: int) -> str:
+    """The id of the ``started``-th completion the producer starts (from 0): its template's id
+    and how many times the templates were cycled through before."""
+    return f"{template[0].key.decode()}-{started // templates}"
+
+
+def watched_id(templates: list[list[GatewayRecord]]) -> str:
+    """The id of the first completion ``produce_forever`` starts."""
+    return completion_id(templates[0], 0, len(templates))
+
+
+async def produce_forever(
+    settings: Settings, templates: list[list[GatewayRecord]], progress: Progress, stop: asyncio.Event
+) -> None:
     producer = make_producer(KafkaClients.of(settings))
     await producer.start()
-    templates = demo_streams()
     _log(
         f"producing {len(templates)} distinct streams, {CONCURRENT} at a time, ~{1 / CHUNK_GAP_S:.0f} chunks/s each"
     )
 
-    async def one(template: list[GatewayRecord], tag: str) -> None:
-        completion_id = template[0].key.decode() + tag
-        rewritten = capture_records_with_key(template, completion_id)
+    async def one(template: list[GatewayRecord], new_id: str) -> None:
+        rewritten = capture_records_with_key(template, new_id)
         progress.started_completions += 1
         for record in rewritten:
             if stop.is_set():
@@ -114,7 +141,9 @@ async def produce_forever(settings: Settings, progress: Progress, stop: asyncio.
         while not stop.is_set():
             while len(running) < CONCURRENT:
                 template = templates[started % len(templates)]
-                running.add(asyncio.create_task(one(template, f"-{started // len(templates)}")))
+                running.add(
+                    asyncio.create_task(one(template, completion_id(template, started, len(templates))))
+                )
                 started += 1
             _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -153,6 +182,55 @@ async def watch(settings: Settings, progress: Progress, stop: asyncio.Event) -> 
         await consumer.stop()
 
 
+async def announce_watch(settings: Settings, watched: str) -> None:
+    """Once the worker's query listener answers for ``watched`` (it is streaming), print the one
+    line that follows it live: ``curl`` on its events, and ``chunkfold watch``."""
+    url = settings.query_url()
+    token = settings.query_bearer_token()
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    path = f"/completions/{quote(watched, safe='')}"
+    deadline = time.monotonic() + LISTENER_WAIT_S
+    async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=5)) as session:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(url + path) as answer:
+                    if answer.status == 200:
+                        break
+            if time.monotonic() > deadline:
+                _log(f"the query listener at {url} did not answer for {watched} (see the worker log)")
+                return
+            await asyncio.sleep(0.2)
+    _log(
+        f"watch a live completion: curl -N{_curl_authorization(settings)} {shlex.quote(url + path + '/events')}"
+        f"   (or: {_chunkfold_command()} watch {shlex.quote(watched)} --url {url})"
+    )
+
+
+def _curl_authorization(settings: Settings) -> str:
+    """curl's option for the query token, naming where it is kept rather than printing it."""
+    if settings.query_token_file is not None:
+        return f' -H "Authorization: Bearer $(cat {shlex.quote(str(settings.query_token_file))})"'
+    if settings.query_token is not None:
+        return ' -H "Authorization: Bearer $CHUNKFOLD_QUERY_TOKEN"'
+    return ""
+
+
+def _chunkfold_command() -> str:
+    """``chunkfold`` as this checkout runs it: the script next to this interpreter."""
+    script = Path(sys.executable).parent / "chunkfold"
+    with contextlib.suppress(ValueError):
+        return str(script.relative_to(Path.cwd()))
+    return str(script)
+
+
+def free_port() -> int:
+    """A loopback port free right now (for the worker's query listener)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 async def report(progress: Progress, stop: asyncio.Event) -> None:
     last_chunks, last_time = 0, time.monotonic()
     while not stop.is_set():
@@ -183,11 +261,14 @@ async def run(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     progress = Progress()
+    templates = longest_first(demo_streams())
     tasks = [
-        asyncio.create_task(produce_forever(settings, progress, stop)),
+        asyncio.create_task(produce_forever(settings, templates, progress, stop)),
         asyncio.create_task(watch(settings, progress, stop)),
         asyncio.create_task(report(progress, stop)),
     ]
+    if settings.query_port > 0:
+        tasks.append(asyncio.create_task(announce_watch(settings, watched_id(templates))))
     await stop.wait()
     for task in tasks:
         task.cancel()
@@ -199,9 +280,16 @@ def main() -> int:
     bootstrap, started_broker = start_broker()
     _log(f"Kafka at {bootstrap}")
     settings = Settings.from_env(
-        bootstrap_servers=bootstrap, app_id=os.environ.get("CHUNKFOLD_APP_ID", "chunkfold-demo")
+        bootstrap_servers=bootstrap,
+        app_id=os.environ.get("CHUNKFOLD_APP_ID", "chunkfold-demo"),
+        query_port=None if QUERY_PORT_VARIABLE in os.environ else free_port(),
     )
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "CHUNKFOLD_APP_ID": settings.app_id}
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "CHUNKFOLD_APP_ID": settings.app_id,
+        QUERY_PORT_VARIABLE: str(settings.query_port),
+    }
     log_path = ROOT / ".cache" / "demo-worker.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     _log(f"starting the worker (log: {log_path.relative_to(ROOT)}); Ctrl-C stops the demo")
