@@ -128,6 +128,8 @@ class ResumeTiming:
     status: int = 0
     first_event_ms: float = math.nan
     """Request sent -> the first event received whole."""
+    last_event_ms: float = math.nan
+    """Request sent -> the last event received whole."""
     total_ms: float = math.nan
     """Request sent -> the end of the stream."""
     events: int = 0
@@ -224,8 +226,10 @@ async def _resume(session: aiohttp.ClientSession, url: str, completion_id: str, 
                     seqs.append(int(line[4:]))
                 elif line.startswith(b"event: "):
                     last_type = line[7:].decode().strip()
-                elif line == b"\n" and math.isnan(timing.first_event_ms):
-                    timing.first_event_ms = (time.perf_counter() - start) * 1000
+                elif line == b"\n":
+                    timing.last_event_ms = (time.perf_counter() - start) * 1000
+                    if math.isnan(timing.first_event_ms):
+                        timing.first_event_ms = timing.last_event_ms
             timing.total_ms = (time.perf_counter() - start) * 1000
     except (aiohttp.ClientError, TimeoutError):
         return

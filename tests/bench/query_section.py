@@ -210,6 +210,7 @@ def _query_table(ctx: BenchContext, loads: Sequence[QueryLoad]) -> None:
         answered = [r for r in resumes if r.kind == kind and r.status == 200]
         _row(ctx, f"resume {kind}: first event", [r.first_event_ms for r in answered])
         _row(ctx, f"resume {kind}: to the end", [r.total_ms for r in answered])
+        _row(ctx, f"resume {kind}: last event -> end", [r.total_ms - r.last_event_ms for r in answered])
     states = Counter(state for _, status, state in snapshots if status == 200)
     ctx.out(
         f"  snapshot answers: {_statuses([s for _, s, _ in snapshots])}; of the 200s: "
@@ -306,7 +307,8 @@ def _measure(
         "          to the seq of the last event that its chunks sent 0.3 s ago yield (published), and\n"
         f"          {FINISHED_RESUME_RATE:g}/s for a finished one (last record sent 1 s ago or more), k drawn among its seqs.\n"
         "        Times: request -> whole answer (snapshot), -> first event received whole, -> end of the\n"
-        "        stream (a live stream ends after its completion's *.done events). A stream is exact when its\n"
+        "        stream (a live stream ends after its completion's *.done events), and from the last event\n"
+        "        received to the end of the stream. A stream is exact when its\n"
         "        seqs run k, k+1, ... without gap or repeat and end with a *.done event. The worker's event\n"
         "        latency and CPU % (of one core) are the kafka section's (send -> first event, the first\n"
         f"        {WARMUP_S:g} s warm-up; kept up: every event arrived, the last within {KEPT_UP_S:g} s of the last send).\n"
