@@ -4,8 +4,9 @@ worker folds, and what that load costs the worker.
 Measures (a) ``GET /completions/{id}`` latency and (b) resume time to the first event of
 ``GET /completions/{id}/events?from_seq=k``, both from a query client process of their own
 (``tests.bench.query_client``) while the worker takes the kafka section's latency workload at
-``LATENCY_RATE``; (c) the worker's event latency and CPU at that rate without and with the query
-load, and its backlog drain rate without and with a query load during the drain. Every run is
+``LATENCY_RATE``; (c) the worker's event latency and CPU at that rate without queries, with
+snapshot queries only and with snapshots and resumes, and its backlog drain rate without and with
+a query load during the drain. Every run is
 the kafka section's own (``latency_run``, ``worker_throughput``) with the listener turned on.
 The issue sets no target for these figures: the section prints them and gives no verdict.
 """
@@ -23,6 +24,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +54,30 @@ from tests.bench.kafka_section import (
 from tests.bench.query_client import DRAIN_S, Completion, QueryPlan, QueryTimings
 from tests.harness import ROOT
 
-SNAPSHOT_RATE = 50.0
-"""Snapshot queries per second, for completions in flight by the send schedule."""
-LIVE_RESUME_RATE = 5.0
-"""Resumes per second of completions in flight, from a seq already published."""
-FINISHED_RESUME_RATE = 2.0
-"""Resumes per second of finished completions (their tombstone still lives)."""
+
+@dataclass(frozen=True)
+class QueryRates:
+    """Requests per second of a query load."""
+
+    snapshots: float
+    """GET /completions/{id}, for completions in flight by the send schedule."""
+    live_resumes: float = 0.0
+    """Resumes of completions in flight, from a seq already published."""
+    finished_resumes: float = 0.0
+    """Resumes of finished completions (their tombstone still lives)."""
+
+    @property
+    def name(self) -> str:
+        resumes = self.live_resumes + self.finished_resumes
+        return f"{self.snapshots:g} snapshots/s" + (f" + {resumes:g} resumes/s" if resumes else "")
+
+
+FULL_LOAD = QueryRates(snapshots=50.0, live_resumes=5.0, finished_resumes=2.0)
+SNAPSHOT_LOAD = QueryRates(snapshots=50.0)
+"""The snapshots of the full load alone: what the resumes add is the difference."""
 LATENCY_RUNS = 2
-"""Latency runs without and with the query load alternate, this many times each."""
+"""Latency runs without queries, with the snapshot load and with the full load take turns, this
+many times each."""
 THROUGHPUT_RUNS = 2
 """Drains without and with the query load alternate, this many times each."""
 DRAIN_BACKLOGS = 2
@@ -106,7 +124,16 @@ class QueryLoad:
     is the workload (with the send schedule of a latency run, without for a backlog drain) and
     the worker's listener URL; ``timings`` and ``cpu_share`` once the measurement ended."""
 
-    def __init__(self, workload: Workload, due: Sequence[float] | None, workdir: Path, name: str, seed: int):
+    def __init__(
+        self,
+        workload: Workload,
+        due: Sequence[float] | None,
+        rates: QueryRates,
+        workdir: Path,
+        name: str,
+        seed: int,
+    ):
+        self.rates = rates
         self.completions = workload_completions(workload, due)
         self.schedule = {} if due is None else record_schedule(workload, due)
         self.workdir = workdir
@@ -126,9 +153,9 @@ class QueryLoad:
         QueryPlan(
             url=settings.query_url(),
             completions=self.completions,
-            snapshot_rate=SNAPSHOT_RATE,
-            live_resume_rate=LIVE_RESUME_RATE,
-            finished_resume_rate=FINISHED_RESUME_RATE,
+            snapshot_rate=self.rates.snapshots,
+            live_resume_rate=self.rates.live_resumes,
+            finished_resume_rate=self.rates.finished_resumes,
             seed=self.seed,
             bootstrap_servers=settings.bootstrap_servers,
             input_topic=settings.input_topic,
@@ -293,91 +320,106 @@ def run(ctx: BenchContext) -> SectionResult:
 def _measure(
     ctx: BenchContext, servers: str, lat: Workload, thr: Workload, seconds: float, cap: float, workdir: Path
 ) -> None:
+    full = FULL_LOAD
     ctx.out(
         "method: one worker (direct driver, at_least_once, memory store) with its query listener on\n"
         "        (CHUNKFOLD_QUERY_PORT, loopback, no token) takes the kafka section's latency workload at\n"
-        f"        {LATENCY_RATE:,.0f} chunks/s for {seconds:g} s, without and with a query load, alternately, "
-        f"{LATENCY_RUNS} times each.\n"
-        "        The query load is a client process of its own (aiohttp; neither the worker nor the process\n"
-        "        timing the worker's events) sending, open loop on fixed schedules:\n"
-        f"        - GET /completions/{{id}} {SNAPSHOT_RATE:g}/s, for a completion in flight by the load generator's\n"
+        f"        {LATENCY_RATE:,.0f} chunks/s for {seconds:g} s: without queries, with snapshot queries only, and with\n"
+        f"        the full query load, in turn, {LATENCY_RUNS} times each. A query load is a client process of its own\n"
+        "        (aiohttp; neither the worker nor the process timing the worker's events) sending, open loop\n"
+        "        on fixed schedules:\n"
+        f"        - GET /completions/{{id}} {full.snapshots:g}/s, for a completion in flight by the load generator's\n"
         "          send schedule (its first record sent 0.1 s ago or more, its last not yet; the schedule's\n"
         "          start is read off the input topic: the records' timestamps are their send times);\n"
-        f"        - GET /completions/{{id}}/events?from_seq=k {LIVE_RESUME_RATE:g}/s for a completion in flight, k drawn up\n"
-        "          to the seq of the last event that its chunks sent 0.3 s ago yield (published), and\n"
-        f"          {FINISHED_RESUME_RATE:g}/s for a finished one (last record sent 1 s ago or more), k drawn among its seqs.\n"
-        "        Times: request -> whole answer (snapshot), -> first event received whole, -> end of the\n"
-        "        stream (a live stream ends after its completion's *.done events), and from the last event\n"
-        "        received to the end of the stream. A stream is exact when its\n"
-        "        seqs run k, k+1, ... without gap or repeat and end with a *.done event. The worker's event\n"
-        "        latency and CPU % (of one core) are the kafka section's (send -> first event, the first\n"
-        f"        {WARMUP_S:g} s warm-up; kept up: every event arrived, the last within {KEPT_UP_S:g} s of the last send).\n"
-        "        Then the worker drains a pre-produced backlog, without and with the same\n"
-        "        client running from the worker's start to its stop (no send schedule there: any id of the\n"
-        "        backlog, snapshots, and resumes from seq 0; 404 for ids not reached yet, 503 while the worker\n"
-        f"        joins the group), alternately, {THROUGHPUT_RUNS} times each, each rated by its best run."
+        "        - the full load adds GET /completions/{id}/events?from_seq=k "
+        f"{full.live_resumes:g}/s for a completion in flight,\n"
+        "          k drawn up to the seq of the last event that its chunks sent 0.3 s ago yield (published),\n"
+        f"          and {full.finished_resumes:g}/s for a finished one (last record sent 1 s ago or more), "
+        "k drawn among its seqs.\n"
+        "        Times: request -> whole answer (snapshot); request -> first event received whole, -> end\n"
+        "        of the stream (after the completion's *.done events), and last event -> end of the stream.\n"
+        "        A stream is exact when its seqs run k, k+1, ... without gap or repeat and end with a *.done\n"
+        "        event. The worker's event latency and CPU % (of one core) are the kafka section's (send ->\n"
+        f"        first event, the first {WARMUP_S:g} s warm-up; kept up: every event arrived, the last within "
+        f"{KEPT_UP_S:g} s of\n"
+        "        the last send). Then the worker drains a pre-produced backlog, without and with the full\n"
+        "        load's client running from the worker's start to its stop (no send schedule there: any id of\n"
+        "        the backlog, snapshots, and resumes from seq 0; 404 for ids not reached yet, 503 while the\n"
+        f"        worker joins the group), alternately, {THROUGHPUT_RUNS} times each, each rated by its best run."
     )
-    load_name = f"{SNAPSHOT_RATE:g} snapshots/s + {LIVE_RESUME_RATE + FINISHED_RESUME_RATE:g} resumes/s"
-    _latency_part(ctx, servers, lat, seconds, load_name, workdir)
-    _drain_part(ctx, servers, thr, cap, load_name, workdir)
+    _latency_part(ctx, servers, lat, seconds, workdir)
+    _drain_part(ctx, servers, thr, cap, workdir)
     ctx.out("no verdict: the issue sets no target for the query figures; they are printed as measured.")
 
 
-def _latency_part(
-    ctx: BenchContext, servers: str, lat: Workload, seconds: float, load_name: str, workdir: Path
-) -> None:
+def _latency_part(ctx: BenchContext, servers: str, lat: Workload, seconds: float, workdir: Path) -> None:
+    due = send_schedule(lat, LATENCY_RATE)
     rows: list[tuple[str, Latency]] = []
-    loads: list[QueryLoad] = []
+    full_loads: list[QueryLoad] = []
     for run_index in range(LATENCY_RUNS):
-        quiet = latency_run(
-            servers, lat, LATENCY_RATE, worker=True, workdir=workdir, settings_overrides=_with_listener()
-        )
-        load = QueryLoad(lat, send_schedule(lat, LATENCY_RATE), workdir, f"latency-{run_index}", run_index)
-        loaded = latency_run(
-            servers,
-            lat,
-            LATENCY_RATE,
-            worker=True,
-            workdir=workdir,
-            settings_overrides=_with_listener(),
-            during=load.during,
-        )
-        rows += [("none", quiet), (load_name, loaded)]
-        loads.append(load)
+        for rates in (None, SNAPSHOT_LOAD, FULL_LOAD):
+            if rates is None:
+                row = latency_run(
+                    servers,
+                    lat,
+                    LATENCY_RATE,
+                    worker=True,
+                    workdir=workdir,
+                    settings_overrides=_with_listener(),
+                )
+                rows.append(("none", row))
+                continue
+            load = QueryLoad(lat, due, rates, workdir, f"latency-{len(rows)}", run_index)
+            row = latency_run(
+                servers,
+                lat,
+                LATENCY_RATE,
+                worker=True,
+                workdir=workdir,
+                settings_overrides=_with_listener(),
+                during=load.during,
+            )
+            rows.append((rates.name, row))
+            if rates is FULL_LOAD:
+                full_loads.append(load)
     ctx.out(
-        f"\n== queries: the answers while the worker folds {LATENCY_RATE:,.0f} chunks/s "
-        f"({LATENCY_RUNS} runs of {seconds:g} s together) =="
+        f"\n== queries: the answers to the full load ({FULL_LOAD.name}) while the worker folds "
+        f"{LATENCY_RATE:,.0f} chunks/s ({LATENCY_RUNS} runs of {seconds:g} s together) =="
     )
-    _query_table(ctx, loads)
+    _query_table(ctx, full_loads)
     ctx.out(
         f"\n== queries: the worker's event latency at {LATENCY_RATE:,.0f} chunks/s, without and with the queries =="
     )
     _effect_table(ctx, rows)
-    quiet = min((row for name, row in rows if name == "none"), key=lambda row: row.quantile(0.99))
-    loaded = min((row for name, row in rows if name != "none"), key=lambda row: row.quantile(0.99))
-    ctx.out(
-        f"  with / without (the run of lower p99 of each): p50 {loaded.quantile(0.5) / quiet.quantile(0.5):.2f}x, "
-        f"p99 {loaded.quantile(0.99) / quiet.quantile(0.99):.2f}x; worker CPU "
-        f"{_pct(quiet.cpu_share)}% -> {_pct(loaded.cpu_share)}% of one core"
-    )
+
+    def best(name: str) -> Latency:
+        """The run of lowest p99 under the query load ``name``."""
+        return min((row for load, row in rows if load == name), key=lambda row: row.quantile(0.99))
+
+    quiet = best("none")
+    for rates in (SNAPSHOT_LOAD, FULL_LOAD):
+        loaded = best(rates.name)
+        ctx.out(
+            f"  {rates.name} / none (the run of lowest p99 of each): p50 "
+            f"{loaded.quantile(0.5) / quiet.quantile(0.5):.2f}x, p99 {loaded.quantile(0.99) / quiet.quantile(0.99):.2f}x; "
+            f"worker CPU {_pct(quiet.cpu_share)}% -> {_pct(loaded.cpu_share)}% of one core"
+        )
     for name, row in rows:
         if row.inside is not None:
             p50, p99 = row.inside
             ctx.out(f"  worker-side histogram, query load {name}: p50 <= {p50:g} ms, p99 <= {p99:g} ms")
 
 
-def _drain_part(
-    ctx: BenchContext, servers: str, thr: Workload, cap: float, load_name: str, workdir: Path
-) -> None:
+def _drain_part(ctx: BenchContext, servers: str, thr: Workload, cap: float, workdir: Path) -> None:
     drains: list[tuple[str, Throughput]] = []
     loads: list[QueryLoad] = []
     for run_index in range(THROUGHPUT_RUNS):
         quiet, _ = worker_throughput(servers, thr, cap, workdir, settings_overrides=_with_listener())
-        load = QueryLoad(thr, None, workdir, f"drain-{run_index}", 10 + run_index)
+        load = QueryLoad(thr, None, FULL_LOAD, workdir, f"drain-{run_index}", 10 + run_index)
         loaded, _ = worker_throughput(
             servers, thr, cap, workdir, settings_overrides=_with_listener(), during=load.during
         )
-        drains += [("none", quiet), (load_name, loaded)]
+        drains += [("none", quiet), (FULL_LOAD.name, loaded)]
         loads.append(load)
     ctx.out(
         f"\n== queries: draining a backlog of {len(thr.records):,} records ({thr.chunks:,} chunks, "
