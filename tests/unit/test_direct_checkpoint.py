@@ -15,6 +15,7 @@ from aiokafka.errors import KafkaTimeoutError
 
 from chunkfold.config import Settings
 from chunkfold.drivers.direct.checkpoint import OrderedCheckpointer
+from chunkfold.drivers.direct.sender import TrackedBatches, delivered_ends
 from chunkfold.processor import Processor
 from chunkfold.state.changelog import ChangelogStore, changelog_topic
 from tests.streams import CID, choice, chunk
@@ -52,6 +53,9 @@ class ScriptedSender:
         self.acks.append(ack)
         self.log.append(("take", None))
         return [ack]
+
+    def take_tracked(self, topic: str) -> list[Any]:
+        return []
 
 
 class RecordingConsumer:
@@ -129,3 +133,33 @@ def test_a_failed_output_delivery_writes_no_state_and_commits_nothing() -> None:
     assert steps[-1] == [("take", None)]
     assert checkpointer.failure is not None and checkpointer.stopping.is_set()
     assert all(entry[0] != "commit" for entry in sender.log)
+
+
+def test_events_positions_are_the_ends_of_delivered_batches() -> None:
+    """Base offset (the delivery report) plus the batch's record count, the largest per
+    partition; a batch not delivered, or failed, tells nothing."""
+
+    @dataclass
+    class Batch:
+        records: int
+
+        def record_count(self) -> int:
+            return self.records
+
+    @dataclass
+    class Delivered:
+        offset: int
+
+    async def ends() -> dict[int, int]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(4)]
+        futures[0].set_result(Delivered(10))
+        futures[1].set_result(Delivered(40))
+        futures[2].set_exception(KafkaTimeoutError())
+        tracked = TrackedBatches(["events"])
+        for (partition, records), future in zip([(0, 5), (0, 2), (1, 9), (1, 3)], futures, strict=True):
+            tracked.handed("events", partition, Batch(records), future)
+        tracked.handed("other", 2, Batch(1), futures[0])
+        return delivered_ends(tracked.take("events"))
+
+    assert asyncio.run(ends()) == {0: 42}

@@ -7,14 +7,7 @@ import pytest
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.coordinator.protocol import ConsumerProtocol, ConsumerProtocolMemberMetadata
 
-from chunkfold.query.membership import (
-    QUERY_PROTOCOL,
-    QueryMembership,
-    RoundRobinFallback,
-    assignment_strategy,
-    decode_member_url,
-    decode_owners,
-)
+from chunkfold.query.membership import QueryMembership, assignment_strategy, decode_member_url, decode_owners
 
 pytestmark = pytest.mark.unit
 
@@ -92,23 +85,23 @@ def test_metadata_it_cannot_read_advertises_no_url(user_data: bytes) -> None:
     assert decode_owners(user_data) is None
 
 
-def test_before_any_assignment_and_after_a_fallback_one_no_owner_is_known() -> None:
-    membership = QueryMembership("http://a:1")
-    assert membership.owner(TOPIC, 0) is None
-    rebalance({"a": membership}, leader="a")
-    assert membership.owner(TOPIC, 0) == "http://a:1"
+def test_a_group_with_an_older_member_agrees_on_one_protocol_and_routes_only_under_a_new_leader() -> None:
+    """An older chunkfold member speaks plain ``roundrobin``: its metadata carries no URL, and
+    when it leads, its assignments carry no map, so no member knows the owners."""
+    new = QueryMembership("http://new:1")
+    assert [s.name for s in assignment_strategy(new)] == [RoundRobinPartitionAssignor.name]
+    assert new.owner(TOPIC, 0) is None  # before any assignment
 
-    fallback = RoundRobinFallback(membership)
-    members = {"a": ConsumerProtocol.METADATA.decode(fallback.metadata([TOPIC]).encode())}
-    assignment = fallback.assign(Cluster(), members)  # type: ignore[arg-type]
-    fallback.on_assignment(ConsumerProtocol.ASSIGNMENT.decode(assignment["a"].encode()))
-    assert membership.owner(TOPIC, 0) is None
-    assert membership.assignments == 2
+    metadata = {
+        "new": ConsumerProtocol.METADATA.decode(new.metadata([TOPIC]).encode()),
+        "old": ConsumerProtocol.METADATA.decode(RoundRobinPartitionAssignor.metadata([TOPIC]).encode()),
+    }
+    led_by_new = new.assign(Cluster(), metadata)  # type: ignore[arg-type]
+    new.on_assignment(ConsumerProtocol.ASSIGNMENT.decode(led_by_new["new"].encode()))
+    old_partitions = [p for _, ps in led_by_new["old"].assignment for p in ps]
+    assert old_partitions and all(new.owner(TOPIC, p) == "" for p in old_partitions)
 
-
-def test_the_query_protocol_comes_first_and_plain_round_robin_second() -> None:
-    """A group with an older member (``roundrobin`` only) agrees on the second."""
-    membership = QueryMembership("http://a:1")
-    strategy = assignment_strategy(membership)
-    assert [s.name for s in strategy] == [QUERY_PROTOCOL, RoundRobinPartitionAssignor.name]
-    assert strategy[1].metadata([TOPIC]).encode() == RoundRobinPartitionAssignor.metadata([TOPIC]).encode()
+    led_by_old = RoundRobinPartitionAssignor.assign(Cluster(), metadata)  # type: ignore[arg-type]
+    new.on_assignment(ConsumerProtocol.ASSIGNMENT.decode(led_by_old["new"].encode()))
+    assert [new.owner(TOPIC, p) for p in range(PARTITIONS)] == [None] * PARTITIONS
+    assert new.assignments == 2

@@ -8,24 +8,27 @@ each member keeps the map of its latest assignment.
 aiokafka calls ``name``, ``version``, ``metadata(topics)``, ``assign(cluster, members)`` and
 ``on_assignment(assignment)`` on each object of ``partition_assignment_strategy`` and accepts
 instances as well as classes: ``QueryMembership`` is an instance that holds this member's URL
-and the map. Its protocol comes first and ``RoundRobinFallback`` second: a group that still has
-a member without it (an older chunkfold) agrees on the plain ``roundrobin`` protocol instead,
-the assignment aiokafka's consumer makes by default (and the direct driver always made), and
-then no member knows the map: queries for other members' partitions get 503 until every member
-speaks the query protocol.
+and the map.
+
+It is the group's only protocol, and it keeps the name of the assignment it makes,
+``roundrobin`` (what aiokafka's consumer, and so the direct driver, always used). A second
+protocol for older members does not work with aiokafka 0.14: it sends one JoinGroup per
+assignor (aio-libs/aiokafka#1168), and three members starting together rebalanced for minutes.
+Under the one name a group with an older chunkfold member still agrees: an older member ignores
+the user data, and when it leads, its assignments carry none, so no member knows the owners
+(``owner`` None) and queries for other members' partitions get 503 until a newer member leads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 import orjson
 from aiokafka.cluster import ClusterMetadata
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
 
-QUERY_PROTOCOL = "chunkfold-query"
+PROTOCOL = RoundRobinPartitionAssignor.name
 USER_DATA_VERSION = 1
 """The version inside the user data JSON (the struct's own ``version`` is the consumer
 protocol's, 0 as aiokafka's assignors send it, so tools such as ``kafka-consumer-groups``
@@ -85,12 +88,12 @@ def decode_owners(user_data: bytes) -> OwnerMap | None:
 
 
 class QueryMembership:
-    """The ``chunkfold-query`` assignor of one member: advertises ``url`` and keeps the owner
-    map of the latest assignment (``owner``); None before the first one, and after an
-    assignment made by the fallback protocol (``forget``)."""
+    """The assignor of one member: advertises ``url`` and keeps the owner map of the latest
+    assignment (``owner``); None before the first one, and after one made by a leader that
+    wrote none (an older member)."""
 
-    name = QUERY_PROTOCOL
-    version = 0
+    name = PROTOCOL
+    version = RoundRobinPartitionAssignor.version
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -123,11 +126,6 @@ class QueryMembership:
         self.owners = decode_owners(assignment.user_data)
         self.assignments += 1
 
-    def forget(self) -> None:
-        """The group agreed on another protocol: no owner map this generation."""
-        self.owners = None
-        self.assignments += 1
-
     def owner(self, topic: str, partition: int) -> str | None:
         """The advertised URL of the owner of ``topic``'s ``partition`` ("" for an owner without
         a query listener); None when the latest assignment says nothing about it."""
@@ -136,32 +134,6 @@ class QueryMembership:
         return self.owners.get(topic, {}).get(partition)
 
 
-class RoundRobinFallback:
-    """aiokafka's ``roundrobin`` protocol, for a group with a member that does not speak
-    ``chunkfold-query``: the same assignment, no owner map (``membership.forget``)."""
-
-    name = RoundRobinPartitionAssignor.name
-    version = RoundRobinPartitionAssignor.version
-
-    def __init__(self, membership: QueryMembership) -> None:
-        self.membership = membership
-
-    def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
-        return RoundRobinPartitionAssignor.metadata(topics)
-
-    def assign(
-        self, cluster: ClusterMetadata, members: Mapping[str, ConsumerProtocolMemberMetadata]
-    ) -> dict[str, ConsumerProtocolMemberAssignment]:
-        plain: dict[str, ConsumerProtocolMemberAssignment] = RoundRobinPartitionAssignor.assign(
-            cluster, members
-        )
-        return plain
-
-    def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:
-        self.membership.forget()
-
-
-def assignment_strategy(membership: QueryMembership) -> tuple[Any, ...]:
-    """``partition_assignment_strategy`` for the group consumer: the query protocol first,
-    plain round robin second."""
-    return (membership, RoundRobinFallback(membership))
+def assignment_strategy(membership: QueryMembership) -> tuple[QueryMembership]:
+    """``partition_assignment_strategy`` for the group consumer."""
+    return (membership,)

@@ -330,6 +330,13 @@ async def run_worker(settings: Settings, kafka: KafkaClients) -> DeliveryFailed 
             processor, store, s, stopping, sender=sender, commit=consumer.commit, local_copy=local_copy
         )
     worker = DirectWorker(processor, store, consumer, sender, checkpointer, recovery, stopping)
+    # Listening before joining the group: once members forward to this one, it answers (503
+    # until its first assignment is restored).
+    query_runner = (
+        await serve_worker_queries(s, kafka, worker, membership, producer, events_partition)
+        if s.query_port > 0
+        else None
+    )
     consumer.subscribe([s.input_topic], listener=Rebalance(worker))
     await consumer.start()
     # Everything allocated so far (modules, clients) lives as long as the process: move it out
@@ -338,15 +345,10 @@ async def run_worker(settings: Settings, kafka: KafkaClients) -> DeliveryFailed 
     gc.collect()
     gc.freeze()
     log.info("worker started (direct driver), group %s, input %s", s.app_id, s.input_topic)
-    query_runner: AppRunner | None = None
     try:
         await seed_events_positions(
             consumer, processor, s.events_topic, sender.partitions.counts[s.events_topic]
         )
-        if s.query_port > 0:
-            query_runner = await serve_worker_queries(
-                s, kafka, worker, membership, producer, events_partition
-            )
         with contextlib.suppress(DeliveryFailed):
             await worker.consume()
     finally:
