@@ -276,6 +276,43 @@ def test_a_live_completion_ends_only_after_its_last_event_once_terminal(topic: T
     assert asyncio.run(scenario()) == everything[2:]
 
 
+def test_a_live_completion_on_a_busy_partition_ends_soon_after_its_last_event(topic: Topic) -> None:
+    """A neighbour keeps its events partition busy (the reader never sees an empty fetch):
+    the stream still asks for snapshots and ends within a second of its completion's end."""
+    completion_id = f"busy-{uuid.uuid4().hex[:6]}"
+    other = neighbour(topic, completion_id)
+
+    async def scenario() -> float:
+        producer = await started(make_producer(topic.settings.bootstrap_servers))
+        writer = Writer(topic, producer)
+        busy = True
+
+        async def keep_busy() -> None:
+            seq = 0
+            while busy:
+                await writer.events(other, [seq])
+                seq += 1
+
+        noise = asyncio.create_task(keep_busy())
+        try:
+            first, *_ = await writer.events(completion_id, range(6))
+            live = LiveState({"status": "in_progress", "event_count": 6, "events_from": first})
+            source = topic.source(topic.clients())
+            reader = asyncio.create_task(_drain(source.resume_events(completion_id, 0, live)))
+            await live.taken_again()
+            live.state = {"status": "completed", "event_count": 6, "events_from": first}
+            ended_at = asyncio.get_running_loop().time()
+            got = await asyncio.wait_for(reader, timeout=30)
+            assert got == [value(completion_id, seq) for seq in range(6)]
+            return asyncio.get_running_loop().time() - ended_at
+        finally:
+            busy = False
+            await noise
+            await producer.stop()
+
+    assert asyncio.run(scenario()) < 1.0
+
+
 def test_a_completion_without_events_yet_is_read_from_the_partitions_end(topic: Topic) -> None:
     completion_id = f"new-{uuid.uuid4().hex[:6]}"
     clients = topic.clients()

@@ -14,8 +14,9 @@ that the first snapshot does not know, starts at the partition's beginning (a sc
 partition, the price of a worker that keeps no positions).
 
 Where reading ends: the reader asks ``snapshot()`` whenever it has caught up with the
-partition (a fetch returned nothing and its position reached the high watermark, or the last
-stable offset when reading committed records only). A terminal status gives the final
+partition (its position reached the high watermark of the last fetch, or the last stable offset
+when reading committed records only), and at least every ``idle_poll_ms`` while the partition
+is so busy that it never quite catches up. A terminal status gives the final
 ``event_count``; ``in_progress`` means more is coming; ``None`` means the worker has forgotten
 the completion (its tombstone expired, so every event of it was published long ago): when the
 final count was never learnt, the stream ends after what was read.
@@ -26,6 +27,7 @@ transaction's events never show, and a live event shows once its transaction com
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -34,6 +36,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from chunkfold.config import Settings
 from chunkfold.kafka_io import KafkaClients
+
+MIN_SNAPSHOT_GAP_S = 0.05
+"""A reader that keeps catching up with a partition asks for a snapshot at most this often (a
+snapshot may be a request to another member)."""
 
 Snapshot = Callable[[], Awaitable[dict[str, Any] | None]]
 """The completion as it stands now (``Processor.snapshot``), or None once it is forgotten."""
@@ -105,6 +111,7 @@ class EventsSource:
             state = await self._seek_start(consumer, partition, state, snapshot)
             final_count = _final_count(state)
             expected = from_seq
+            last_snapshot = time.monotonic()
             while final_count is None or expected < final_count:
                 fetched = await consumer.getmany(partition, timeout_ms=self.idle_poll_ms)
                 records = fetched.get(partition, [])
@@ -124,11 +131,19 @@ class EventsSource:
                     expected += 1
                     if final_count is not None and expected >= final_count:
                         return
-                if not records and final_count is None and await self._caught_up(consumer, partition):
+                now = time.monotonic()
+                if final_count is None and (
+                    now >= last_snapshot + self.idle_poll_ms / 1000
+                    or (
+                        now >= last_snapshot + MIN_SNAPSHOT_GAP_S
+                        and await self._caught_up(consumer, partition)
+                    )
+                ):
                     state = await snapshot()
                     if state is None:
                         return  # forgotten: everything it published was read
                     final_count = _final_count(state)
+                    last_snapshot = time.monotonic()
         finally:
             await consumer.stop()
 
