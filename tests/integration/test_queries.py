@@ -1,4 +1,4 @@
-"""The query listener on a real broker, three direct workers each with its own query port: any
+"""The query listener on a real broker, three workers each with its own query port (the direct driver with both guarantees, the Faust driver): any
 worker answers for any completion (forwarding to its owner), snapshots taken mid-stream equal
 the in-process fold of the same records, a resume from a non-owner streams exactly the
 remaining events, rebalances answer 503 then the new owner's answer, and the token holds."""
@@ -148,14 +148,18 @@ def assert_503_then_right(answers: list[tuple[int, str | None, bytes]], right: b
     assert statuses[-1] == 200
 
 
-@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+@pytest.mark.parametrize(
+    ("driver", "guarantee"),
+    [("direct", "at_least_once"), ("direct", "exactly_once"), ("faust", "at_least_once")],
+)
 def test_any_worker_answers_for_any_completion_through_rebalances(
-    kafka: str, tmp_path: Path, workers: list[WorkerProcess], guarantee: str
+    kafka: str, tmp_path: Path, workers: list[WorkerProcess], driver: str, guarantee: str
 ) -> None:
     """With ``exactly_once`` the snapshots are of the committed state, which catches up with
-    every checkpoint."""
+    every checkpoint. The Faust driver finds owners through Faust's own assignor."""
     settings = fresh_settings(
         kafka,
+        driver=driver,
         partitions=PARTITIONS,
         idle_timeout_s=3600.0,
         tombstone_s=3600.0,
