@@ -13,9 +13,6 @@ import os
 import sys
 from pathlib import Path
 
-from yarl import URL
-
-from chunkfold import watch
 from chunkfold.cli import options
 from chunkfold.config import Settings
 
@@ -52,6 +49,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     settings = options.settings(args)
     url = listener_url(args.url or os.environ.get(URL_VARIABLE, ""), settings)
     token = read_token(args.token_file) if args.token_file else settings.query_bearer_token()
+    # imported here: aiohttp would add a tenth of a second to every other command's start
+    from chunkfold import watch
+
     try:
         asyncio.run(watch.follow(url, args.completion_id, args.from_seq, token, sys.stdout))
     except watch.WatchError as exc:
@@ -68,6 +68,8 @@ def listener_url(given: str, settings: Settings) -> str:
                 f"which query listener? give --url, or set {URL_VARIABLE} or CHUNKFOLD_QUERY_PORT"
             )
         return settings.query_url()
+    from yarl import URL  # here too: yarl comes with aiohttp's weight
+
     try:
         url = URL(given)
         valid = url.scheme in ("http", "https") and bool(url.host)

@@ -18,9 +18,7 @@ def event_value(completion_id: str, event: dict[str, Any]) -> dict[str, Any]:
         "choice_index": event["choice_index"],
         "seq": event["seq"],
     }
-    for key, item in event.items():
-        if key not in value:
-            value[key] = item
+    value.update(event)  # keys already in value keep their place: the event's others follow, in order
     return value
 
 
