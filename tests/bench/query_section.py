@@ -250,7 +250,9 @@ def _query_table(ctx: BenchContext, loads: Sequence[QueryLoad]) -> None:
             f"  resume {kind} answers: {_statuses([r.status for r in of_kind])}; exact streams "
             f"{sum(r.exact for r in answered)}/{len(answered)}, {_events([r.events for r in answered])}"
         )
-    ctx.out(f"  query client CPU: {', '.join(_pct(load.cpu_share) for load in loads)}% of one core")
+    ctx.out(
+        f"  query client CPU: {', '.join(_pct(load.cpu_share) + '%' for load in loads)} of one core (per run)"
+    )
 
 
 def _events(counts: Sequence[int]) -> str:
