@@ -20,8 +20,10 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -93,13 +95,18 @@ def load_docs(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
+QUERY_SECRET = "chunkfold-query"
+"""The one object that shares its kind: the query listener's token, a Secret of its own."""
+
+
 def manifests() -> dict[str, dict[str, Any]]:
-    """kind -> the one object of that kind in deploy/k8s."""
+    """kind -> the one object of that kind in deploy/k8s; the query token's Secret under its name."""
     found: dict[str, dict[str, Any]] = {}
     for path in sorted(K8S.glob("*.yaml")):
         for doc in load_docs(path):
-            assert doc["kind"] not in found, f"two {doc['kind']} objects"
-            found[doc["kind"]] = doc
+            name = QUERY_SECRET if doc["metadata"]["name"] == QUERY_SECRET else doc["kind"]
+            assert name not in found, f"two {name} objects"
+            found[name] = doc
     return found
 
 
@@ -139,11 +146,42 @@ def configmap_env() -> dict[str, str]:
     return data
 
 
+SAMPLE_POD_IP = "10.1.2.3"
+
+
+def pod_env() -> dict[str, str]:
+    """What a worker pod's environment holds: the ConfigMap's settings, then the container's own
+    ``env`` with ``$(VAR)`` expanded as Kubernetes expands it (``POD_IP`` as a sample address)."""
+    [container] = manifests()["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    env = dict(configmap_env())
+    for entry in container["env"]:
+        if "valueFrom" in entry:
+            env[entry["name"]] = SAMPLE_POD_IP
+        else:
+            env[entry["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], entry["value"])
+    return env
+
+
 def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The worker's settings in a pod with ``env``. The query token file (which the worker reads
+    at startup) is the query Secret's value, written where a test directory stands in for its
+    mount."""
     for name in SETTINGS_ENV:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
-        monkeypatch.setenv(name, str(value))
+        if name in SETTINGS_ENV:
+            monkeypatch.setenv(name, str(value))
+    token_path = env.get("CHUNKFOLD_QUERY_TOKEN_FILE")
+    if token_path is not None:
+        mount = Path(tempfile.mkdtemp(prefix="chunkfold-query-secret-"))
+        local = mount / Path(token_path).name
+        local.write_text(manifests()[QUERY_SECRET]["stringData"][local.name], encoding="utf-8")
+        monkeypatch.setenv("CHUNKFOLD_QUERY_TOKEN_FILE", str(local))
+        try:
+            settings = Settings.from_env()
+        finally:
+            shutil.rmtree(mount)
+        return settings.model_copy(update={"query_token_file": Path(token_path)})
     return Settings.from_env()
 
 
@@ -159,13 +197,17 @@ def test_the_manifests_are_the_expected_objects() -> None:
         "PodDisruptionBudget": "policy/v1",
         "ScaledObject": "keda.sh/v1alpha1",
         "Secret": "v1",
+        QUERY_SECRET: "v1",
     }
-    for kind, doc in manifests().items():
-        assert doc["metadata"]["name"] == ("chunkfold-kafka" if kind == "Secret" else "chunkfold")
+    names = {"Secret": "chunkfold-kafka", QUERY_SECRET: QUERY_SECRET}
+    for key, doc in manifests().items():
+        assert doc["metadata"]["name"] == names.get(key, "chunkfold")
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("kind", ["ConfigMap", "Service", "StatefulSet", "PodDisruptionBudget", "Secret"])
+@pytest.mark.parametrize(
+    "kind", ["ConfigMap", "Service", "StatefulSet", "PodDisruptionBudget", "Secret", QUERY_SECRET]
+)
 def test_core_objects_validate_against_the_kubernetes_schemas(kind: str, version: str) -> None:
     validate_core(manifests()[kind], version)
 
@@ -225,8 +267,11 @@ def test_statefulset_wiring() -> None:
     assert container["envFrom"] == [{"configMapRef": {"name": configmap["metadata"]["name"]}}]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     web_port = int(configmap["data"]["CHUNKFOLD_WEB_PORT"])
-    assert ports == {"http": web_port}
-    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    assert ports == {"http": web_port, "query": int(configmap["data"]["CHUNKFOLD_QUERY_PORT"])}
+    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {
+        "http": "http",
+        "query": "query",
+    }
 
     def probe(name: str) -> tuple[str, int]:
         get = container[name]["httpGet"]
@@ -266,7 +311,7 @@ def test_statefulset_wiring() -> None:
 def test_configmap_holds_worker_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     env = configmap_env()
     assert set(env) <= SETTINGS_ENV, f"not worker settings: {sorted(set(env) - SETTINGS_ENV)}"
-    settings = settings_from(env, monkeypatch)  # parses every value with the worker's own code
+    settings = settings_from(pod_env(), monkeypatch)  # parses every value with the worker's own code
     assert settings.store == "rocksdb://"
     assert settings.data_dir == "/data"
     assert settings.app_id == Settings().app_id
@@ -278,21 +323,61 @@ def test_kafka_credentials_are_secret_files_the_settings_name(monkeypatch: pytes
     ConfigMap value or an environment variable."""
     objects = manifests()
     secret, sts = objects["Secret"], objects["StatefulSet"]
-    settings = settings_from(configmap_env(), monkeypatch)
+    settings = settings_from(pod_env(), monkeypatch)
     assert settings.security_protocol == "SASL_SSL" and settings.ssl_check_hostname
     assert settings.sasl_password is None and settings.create_topics is False
     [container] = sts["spec"]["template"]["spec"]["containers"]
     volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
-    [mount] = [m for m in container["volumeMounts"] if "secret" in volumes.get(m["name"], {})]
+    [mount] = [
+        m
+        for m in container["volumeMounts"]
+        if volumes.get(m["name"], {}).get("secret", {}).get("secretName") == secret["metadata"]["name"]
+    ]
     assert mount["readOnly"] is True
-    assert volumes[mount["name"]]["secret"]["secretName"] == secret["metadata"]["name"]
-    assert "env" not in container, "settings come from the ConfigMap, secrets from files"
+    assert {e["name"] for e in container["env"]} == {"POD_IP", "CHUNKFOLD_QUERY_ADVERTISED_URL"}, (
+        "settings come from the ConfigMap (but for the pod's own address), secrets from files"
+    )
     keys = set(secret["stringData"])
     named = [settings.ssl_cafile, settings.sasl_password_file, settings.ssl_certfile, settings.ssl_keyfile]
     for path in filter(None, named):
         directory, _, key = path.rpartition("/")
         assert directory == mount["mountPath"] and key in keys, path
     assert not {k for k in configmap_env() if "PASSWORD" in k and not k.endswith("_FILE")}
+
+
+def test_query_listener_is_on_behind_a_token_and_advertises_the_pods_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every worker listens for queries on all of the pod's interfaces, on a port of its own,
+    requires the token of its own Secret, and tells the others its pod IP; the Service reaches
+    any of them."""
+    objects = manifests()
+    sts, service, secret = objects["StatefulSet"], objects["Service"], objects[QUERY_SECRET]
+    pod = sts["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    advertised = env["CHUNKFOLD_QUERY_ADVERTISED_URL"]["value"]
+    # Kubernetes expands $(POD_IP) from the variable defined before it; the worker then checks it.
+    assert list(env).index("POD_IP") < list(env).index("CHUNKFOLD_QUERY_ADVERTISED_URL")
+    assert advertised.startswith("http://$(POD_IP):")
+    settings = settings_from(pod_env(), monkeypatch)
+    assert settings.query_host == "0.0.0.0" and settings.query_port not in (0, settings.web_port)
+    assert settings.query_url() == f"http://{SAMPLE_POD_IP}:{settings.query_port}"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["query"] == settings.query_port
+    [query_port] = [p for p in service["spec"]["ports"] if p["name"] == "query"]
+    assert query_port["port"] == settings.query_port
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    [mount] = [
+        m
+        for m in container["volumeMounts"]
+        if volumes.get(m["name"], {}).get("secret", {}).get("secretName") == QUERY_SECRET
+    ]
+    assert mount["readOnly"] is True
+    directory, _, key = str(settings.query_token_file).rpartition("/")
+    assert directory == mount["mountPath"] and key in secret["stringData"]
+    assert settings.query_token is None, "the token is a file of the Secret, never a ConfigMap value"
 
 
 # -- KEDA ScaledObject ---------------------------------------------------------------------------
@@ -319,7 +404,7 @@ def test_broken_scaledobjects_are_rejected() -> None:
 def test_scaledobject_scales_the_worker_on_its_consumer_lag(monkeypatch: pytest.MonkeyPatch) -> None:
     objects = manifests()
     scaled, sts = objects["ScaledObject"], objects["StatefulSet"]
-    settings = settings_from(configmap_env(), monkeypatch)
+    settings = settings_from(pod_env(), monkeypatch)
     spec = scaled["spec"]
     assert set(spec) <= KEDA_SPEC_FIELDS
     assert spec["scaleTargetRef"] == {
@@ -621,7 +706,7 @@ def worker_environments() -> dict[str, dict[str, str]]:
     services = compose()["services"]
     return {
         "Dockerfile": image,
-        "k8s ConfigMap": {**image, **configmap_env()},
+        "k8s pod": {**image, **pod_env()},
         **{
             f"compose {name}": {**image, **services[name]["environment"]} for name in ("worker-1", "worker-2")
         },
@@ -645,11 +730,9 @@ def test_the_configured_driver_keeps_its_table_state_on_the_volume(monkeypatch: 
         {"CHUNKFOLD_STORE": "memory://"},
         {"CHUNKFOLD_DRIVER": "faust", "CHUNKFOLD_STORE": "memory://"},
     ):
-        settings = settings_from({**worker_environments()["k8s ConfigMap"], **broken}, monkeypatch)
+        settings = settings_from({**worker_environments()["k8s pod"], **broken}, monkeypatch)
         assert table_state_dir(settings) is None, broken
-    settings = settings_from(
-        {**worker_environments()["k8s ConfigMap"], "CHUNKFOLD_DATA_DIR": "/tmp"}, monkeypatch
-    )
+    settings = settings_from({**worker_environments()["k8s pod"], "CHUNKFOLD_DATA_DIR": "/tmp"}, monkeypatch)
     elsewhere = table_state_dir(settings)
     assert elsewhere is not None and volume not in elsewhere.parents
 
