@@ -64,6 +64,8 @@ class FakeEvents:
 
     count: int = 6
     snapshots: list[dict[str, Any] | None] = field(default_factory=list)
+    pause_s: float = 0.0
+    """How long the completion pauses before each event (a live one waiting for its tokens)."""
 
     async def resume_events(
         self,
@@ -73,6 +75,7 @@ class FakeEvents:
     ) -> AsyncIterator[bytes]:
         self.snapshots.append(await snapshot())
         for seq in range(from_seq, self.count):
+            await asyncio.sleep(self.pause_s)
             yield event(completion_id, seq)
 
 
@@ -113,6 +116,7 @@ async def start_member(
     token: str | None,
     guarantee: str = "at_least_once",
     between_commits: Callable[[], Awaitable[None]] = no_commit_in_flight,
+    keep_alive_s: float = 15.0,
 ) -> tuple[Member, web.AppRunner]:
     settings = Settings(
         bootstrap_servers="unused:9092",
@@ -128,6 +132,7 @@ async def start_member(
         lambda key: PARTITION[key.decode("utf-8")],
         events,
         between_commits=between_commits,
+        keep_alive_s=keep_alive_s,
     )
     return Member(settings.query_url(), processor, owners, events), runner
 
@@ -298,6 +303,33 @@ def test_events_stream_from_the_seq_asked_for(query: str, headers: dict[str, str
                 assert got["Content-Type"] == "text/event-stream"
                 assert body == sse_body(OWNED_BY_A, range(first, 6))
                 assert member.events.snapshots == [snapshot_of(OWNED_BY_A, "a")]
+
+    run(test)
+
+
+def test_a_paused_stream_gets_keep_alive_comments_between_its_events() -> None:
+    async def test() -> None:
+        async with fleet(keep_alive_s=0.1) as f:
+            f.b.events.pause_s = 0.35
+            status, _, body = await f.get(f.b, OWNED_BY_A, "/events?from_seq=4")
+            assert status == 200
+            frames = [frame + b"\n\n" for frame in body.split(b"\n\n") if frame]
+            comments = [frame for frame in frames if frame.startswith(b":")]
+            events = b"".join(frame for frame in frames if not frame.startswith(b":"))
+            assert events == sse_body(OWNED_BY_A, range(4, 6))  # comments change nothing else
+            assert set(comments) == {b": keep-alive\n\n"}
+            assert len(comments) >= 4  # about three in each 0.35 s pause at 0.1 s
+            assert frames[-1] != comments[-1], "the stream ends with its last event"
+
+    run(test)
+
+
+def test_a_busy_stream_gets_no_keep_alive_comments() -> None:
+    async def test() -> None:
+        async with fleet(keep_alive_s=0.5) as f:
+            f.b.events.pause_s = 0.01
+            _, _, body = await f.get(f.b, OWNED_BY_A, "/events")
+            assert body == sse_body(OWNED_BY_A, range(6))
 
     run(test)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -136,9 +137,13 @@ class EventsListener:
     """Streams ``EVENTS`` from ``from_seq`` on, in small writes with keep-alive comments between,
     when the request carries ``token`` (if any); records each request it gets."""
 
-    def __init__(self, token: str | None = None, break_off_after: int | None = None) -> None:
+    def __init__(
+        self, token: str | None = None, break_off_after: int | None = None, unavailable: int = 0
+    ) -> None:
         self.token = token
         self.break_off_after = break_off_after
+        self.unavailable = unavailable
+        """The first requests answered 503, as while the fleet rebalances."""
         self.requests: list[dict[str, Any]] = []
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
@@ -151,10 +156,12 @@ class EventsListener:
         )
         if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
             return web.json_response({"error": "unauthorized"}, status=401)
+        if len(self.requests) <= self.unavailable:
+            return web.json_response({"error": "rebalancing"}, status=503, headers={"Retry-After": "1"})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for event in EVENTS[int(request.query["from_seq"]) :]:
-            if event["seq"] == self.break_off_after:
+            if event["seq"] == self.break_off_after and len(self.requests) == self.unavailable + 1:
                 assert request.transport is not None
                 request.transport.close()
                 return response
@@ -248,7 +255,7 @@ def test_a_refusal_is_one_line_and_exit_1(
     handler: Handler, parts: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     with listener(handler) as url:
-        assert watch("c 1", "--url", url) == 1
+        assert watch("c 1", "--url", url, "--retry-for", "0") == 1
     out = capsys.readouterr()
     assert out.out == ""
     assert_one_line(out.err, *parts)
@@ -256,16 +263,58 @@ def test_a_refusal_is_one_line_and_exit_1(
 
 def test_no_listener_is_one_line_and_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    assert watch("c 1", "--url", url) == 1
+    assert watch("c 1", "--url", url, "--retry-for", "0") == 1
     assert_one_line(capsys.readouterr().err, f"cannot connect to {url}")
 
 
 def test_a_stream_broken_off_says_where_to_resume_and_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     with listener(EventsListener(break_off_after=2)) as url:
-        assert watch("c 1", "--url", url) == 1
+        assert watch("c 1", "--url", url, "--retry-for", "0") == 1
     out = capsys.readouterr()
     assert lines(out.out) == EVENTS[:2]
     assert_one_line(out.err, "broke the stream off", "resume with --from-seq 2")
+
+
+def test_watch_waits_out_a_rebalance_and_prints_every_event_once(capsys: pytest.CaptureFixture[str]) -> None:
+    served = EventsListener(unavailable=2)
+    started = time.monotonic()
+    with listener(served) as url:
+        assert watch("c 1", "--url", url) == 0
+    out = capsys.readouterr()
+    assert lines(out.out) == EVENTS
+    assert out.err == ""  # retries are told only on a terminal
+    assert [r["query"] for r in served.requests] == [{"from_seq": "0"}] * 3
+    assert time.monotonic() - started >= 2.0, "each retry waits the Retry-After the listener gave"
+
+
+def test_watch_resumes_a_broken_stream_after_the_last_event_printed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    served = EventsListener(break_off_after=2)
+    with listener(served) as url:
+        assert watch("c 1", "--from-seq", "1", "--url", url) == 0
+    assert lines(capsys.readouterr().out) == EVENTS[1:]  # seq 1 once, though it came before the break
+    assert [r["query"] for r in served.requests] == [{"from_seq": "1"}, {"from_seq": "2"}]
+
+
+def test_retries_end_after_retry_for_with_the_last_failure(capsys: pytest.CaptureFixture[str]) -> None:
+    served = EventsListener(unavailable=100)
+    started = time.monotonic()
+    with listener(served) as url:
+        assert watch("c 1", "--url", url, "--retry-for", "1.5") == 1
+    assert 1.0 <= time.monotonic() - started < 10
+    assert (
+        len(served.requests) == 2
+    )  # the first, and one retry after Retry-After: 1; a second would end past 1.5 s
+    assert_one_line(capsys.readouterr().err, "(503 rebalancing): retry in 1 s")
+
+
+def test_a_refusal_that_cannot_pass_is_not_retried(capsys: pytest.CaptureFixture[str]) -> None:
+    served = EventsListener(token="s3cret")
+    with listener(served) as url:
+        assert watch("c 1", "--url", url) == 1
+    assert len(served.requests) == 1
+    assert_one_line(capsys.readouterr().err, "401")
 
 
 def test_an_event_that_is_not_json_is_one_line_and_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
@@ -288,6 +337,8 @@ def test_an_event_that_is_not_json_is_one_line_and_exit_1(capsys: pytest.Capture
         (["c 1", "--url", "ftp://host:1"], "'ftp://host:1' is not an http(s)://host:port URL"),
         (["c 1", "--url", "127.0.0.1:8080"], "is not an http(s)://host:port URL"),
         (["c 1"], "which query listener? give --url"),
+        (["c 1", "--url", "http://h:1", "--retry-for", "-1"], "--retry-for -1: 0 or more seconds"),
+        (["c 1", "--url", "http://h:1", "--retry-for", "nan"], "--retry-for nan: 0 or more seconds"),
         (["c 1", "--url", "http://h:1", "--token-file", "/nonexistent/token"], "cannot read it"),
     ],
 )

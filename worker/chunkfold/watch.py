@@ -5,12 +5,16 @@ line as it arrives; the server ends the stream after the completion's last event
 Server-Sent Events, decoded by ``SseDecoder`` as the HTML standard's event-stream parser does
 (any of CRLF, LF and CR ends a line, comments, multi-line data, ids). A refusal (401, 404,
 400, 503), a listener that cannot be reached or a stream that breaks off is a ``WatchError``
-with one line naming the problem.
+with one line naming the problem; the passing ones (503, unreachable, broken off) are retried
+for a while first, resuming after the last event written.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 from urllib.parse import quote
@@ -18,6 +22,9 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 from yarl import URL
+
+RETRY_DELAY_S = 1.0
+"""How long to wait before a retry when the listener did not say (``Retry-After``)."""
 
 CONNECT_TIMEOUT_S = 10.0
 """How long connecting may take; reading has no limit (a live completion may pause for long)."""
@@ -111,37 +118,111 @@ def events_url(base_url: str, completion_id: str, from_seq: int) -> URL:
     return base.with_path(path, encoded=True).with_query(from_seq=str(from_seq))
 
 
-async def follow(base_url: str, completion_id: str, from_seq: int, token: str | None, out: TextIO) -> None:
+class Retryable(WatchError):
+    """A failure that may pass: the fleet rebalancing (503), a listener not reachable, a stream
+    broken off. ``delay``: the seconds the listener asked to wait (``Retry-After``), if any."""
+
+    def __init__(self, message: str, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+async def follow(
+    base_url: str,
+    completion_id: str,
+    from_seq: int,
+    token: str | None,
+    out: TextIO,
+    *,
+    retry_for: float = 0.0,
+    notify: Callable[[str], None] | None = None,
+) -> None:
     """Write the events of ``completion_id`` from seq ``from_seq`` on to ``out``, each event's
     JSON on one line, flushed as it comes, until the listener at ``base_url`` ends the stream.
-    ``token``: the bearer token to send (None: none). Raises ``WatchError``."""
+    ``token``: the bearer token to send (None: none). Raises ``WatchError``.
+
+    A ``Retryable`` failure is retried for up to ``retry_for`` seconds from the first of an
+    unbroken run of them (after the listener's ``Retry-After``, else ``RETRY_DELAY_S``), each
+    time from the seq after the last event written: the lines written are the events from
+    ``from_seq`` on, each once, however often the stream is resumed. ``notify`` hears a line
+    before each retry."""
     headers = {"Accept": "text/event-stream"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    decoder = SseDecoder()
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(events_url(base_url, completion_id, from_seq), headers=headers) as response,
-        ):
-            if response.status != 200:
-                raise WatchError(_refusal(response, completion_id, await response.text(errors="replace")))
-            if response.content_type != "text/event-stream":
-                raise WatchError(f"{base_url} answered {response.content_type}, not an event stream")
-            async for chunk in response.content.iter_any():
-                for event in decoder.feed(chunk):
-                    out.write(_json_line(event) + "\n")
-                    out.flush()
-    except aiohttp.ClientConnectorError as exc:
-        raise WatchError(f"cannot connect to {base_url}: {exc.os_error.strerror or exc.os_error}") from None
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
-        resume = int(decoder.last_event_id) + 1 if decoder.last_event_id.isdigit() else from_seq
-        raise WatchError(
-            f"{base_url} broke the stream off before its end: resume with --from-seq {resume}"
-        ) from None
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise WatchError(f"{base_url}: {type(exc).__name__}: {exc}") from None
+    next_seq = from_seq
+    failing_since: float | None = None
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while True:
+            stream = _Stream(next_seq)
+            try:
+                await stream.read(session, base_url, completion_id, headers, out)
+                return
+            except Retryable as exc:
+                now = time.monotonic()
+                if stream.connected or failing_since is None:
+                    failing_since = now  # a stream that was answered starts a new run of failures
+                next_seq = stream.next_seq
+                left = failing_since + retry_for - now
+                delay = RETRY_DELAY_S if exc.delay is None else exc.delay
+                if left <= 0 or delay > left:
+                    raise
+                if notify is not None:
+                    notify(f"{exc}; retrying from seq {next_seq} in {delay:g} s")
+                await asyncio.sleep(delay)
+
+
+class _Stream:
+    """One request for the events from ``next_seq`` on; ``next_seq`` follows the events written."""
+
+    def __init__(self, next_seq: int) -> None:
+        self.next_seq = next_seq
+        self.connected = False
+
+    async def read(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        completion_id: str,
+        headers: dict[str, str],
+        out: TextIO,
+    ) -> None:
+        decoder = SseDecoder()
+        try:
+            async with session.get(
+                events_url(base_url, completion_id, self.next_seq), headers=headers
+            ) as response:
+                if response.status != 200:
+                    body = await response.text(errors="replace")
+                    message = _refusal(response, completion_id, body)
+                    if response.status == 503:
+                        raise Retryable(message, _retry_after(response))
+                    raise WatchError(message)
+                if response.content_type != "text/event-stream":
+                    raise WatchError(f"{base_url} answered {response.content_type}, not an event stream")
+                self.connected = True
+                async for chunk in response.content.iter_any():
+                    for event in decoder.feed(chunk):
+                        out.write(_json_line(event) + "\n")
+                        out.flush()
+                        if event.id.isdigit():
+                            self.next_seq = int(event.id) + 1
+        except aiohttp.ClientConnectorError as exc:
+            raise Retryable(
+                f"cannot connect to {base_url}: {exc.os_error.strerror or exc.os_error}"
+            ) from None
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+            raise Retryable(
+                f"{base_url} broke the stream off before its end: resume with --from-seq {self.next_seq}"
+            ) from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise WatchError(f"{base_url}: {type(exc).__name__}: {exc}") from None
+
+
+def _retry_after(response: aiohttp.ClientResponse) -> float | None:
+    """The listener's ``Retry-After`` in seconds (the delta-seconds form; a date is ignored)."""
+    value = response.headers.get("Retry-After", "")
+    return float(value) if value.isdigit() else None
 
 
 def _refusal(response: aiohttp.ClientResponse, completion_id: str, body: str) -> str:

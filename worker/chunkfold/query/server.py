@@ -7,7 +7,8 @@ with ``WWW-Authenticate: Bearer`` otherwise):
   404 when its owner holds nothing for that id.
 * ``GET /completions/{id}/events?from_seq=N``: its events from seq N on as server-sent events
   (``resume.EventsSource``), ending after its last event; without ``from_seq``, a
-  ``Last-Event-ID`` header resumes after that seq; 0 otherwise.
+  ``Last-Event-ID`` header resumes after that seq; 0 otherwise. A ``: keep-alive`` comment
+  after ``KEEP_ALIVE_S`` without an event keeps proxies from closing a paused stream.
 
 The id is any UTF-8 string, percent-encoded in the path. A completion lives on the member that
 owns its input partition. A request for another member's completion is proxied to that member
@@ -25,6 +26,7 @@ see), never while a commit is in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import re
@@ -51,6 +53,11 @@ FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=5.0, sock_connect=2.0)
 RESUME_PATIENCE_S = 30.0
 """How long a resume stream waits for the completion's owner to answer again (a rebalance in
 progress) before it ends without its last events."""
+KEEP_ALIVE_S = 15.0
+"""A resume stream with no event for this long gets a comment line (``: keep-alive``), which
+clients ignore: proxies and load balancers close connections idle for a minute or so, and a
+live completion may pause that long (a tool call being prepared)."""
+KEEP_ALIVE_FRAME = b": keep-alive\n\n"
 JSON_CONTENT_TYPE = "application/json"
 SEQ_PATTERN = re.compile(r"[0-9]{1,18}")
 
@@ -102,8 +109,10 @@ class Queries:
         events: EventsReader,
         between_commits: Callable[[], Awaitable[None]],
         session: aiohttp.ClientSession,
+        keep_alive_s: float = KEEP_ALIVE_S,
     ) -> None:
         self.processor = processor
+        self.keep_alive_s = keep_alive_s
         self.owners = owners
         self.partitions_of_input = partitions_of_input
         self.events = events
@@ -224,19 +233,52 @@ class Queries:
             return await self.patient_snapshot(completion_id)
 
         values = self.events.resume_events(completion_id, from_seq, snapshot)
+        sender = _KeptAlive(response, self.keep_alive_s)
         try:
             async for value in values:
-                await response.write(sse_frame(value))
+                await sender.write(sse_frame(value))
         except ConnectionResetError:
             return response  # the client went away
         except Exception as exc:  # headers are sent: the stream can only end early
             log.warning("resuming the events of %r from seq %d stopped: %r", completion_id, from_seq, exc)
             return response
         finally:
+            await sender.stop()
             if isinstance(values, AsyncGenerator):
                 await values.aclose()
         await response.write_eof()
         return response
+
+
+class _KeptAlive:
+    """Writes to an event stream, and a ``KEEP_ALIVE_FRAME`` whenever nothing was written for
+    ``idle_s`` (from a task of its own; the two never write at once)."""
+
+    def __init__(self, response: web.StreamResponse, idle_s: float) -> None:
+        self.response = response
+        self.idle_s = idle_s
+        self.writing = asyncio.Lock()
+        self.last_write = time.monotonic()
+        self.task = asyncio.create_task(self._keep_alive())
+
+    async def write(self, data: bytes) -> None:
+        async with self.writing:
+            await self.response.write(data)
+            self.last_write = time.monotonic()
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(self.last_write + self.idle_s - time.monotonic())
+            if time.monotonic() - self.last_write >= self.idle_s:
+                try:
+                    await self.write(KEEP_ALIVE_FRAME)
+                except Exception:  # the client went away: the stream's next write says so too
+                    return
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -285,6 +327,7 @@ async def serve_queries(
     events: EventsReader,
     *,
     between_commits: Callable[[], Awaitable[None]] = no_commit_in_flight,
+    keep_alive_s: float = KEEP_ALIVE_S,
 ) -> web.AppRunner:
     """Serve the query listener on ``query_host``:``query_port``; ``cleanup()`` the runner to
     stop it. ``partitions_of_input`` maps a completion id (UTF-8 key) to its input partition;
@@ -292,7 +335,9 @@ async def serve_queries(
     snapshot must not see state applied for a transaction not committed yet), and the snapshot
     is taken right after it, without yielding to the event loop."""
     session = aiohttp.ClientSession()
-    queries = Queries(settings, processor, owners, partitions_of_input, events, between_commits, session)
+    queries = Queries(
+        settings, processor, owners, partitions_of_input, events, between_commits, session, keep_alive_s
+    )
     app = web.Application(middlewares=[queries.guard])
     app.router.add_get("/completions/{id}", queries.completion)
     app.router.add_get("/completions/{id}/events", queries.completion_events)
