@@ -249,27 +249,27 @@ def frames_to_keys(frames: Iterable[Frame]) -> Iterator[tuple[str, Frame]]:
     stream_key: str | None = None
     waiting: list[Frame] = []
     for frame in frames:
-        if frame.stream != stream:
+        _, kind, payload, key, _, frame_stream, _, _ = frame  # one unpacking: the per-frame path
+        if frame_stream != stream:
             if waiting:  # a stream ended without any id
                 yield from (("", early) for early in waiting)
                 waiting.clear()
-            stream, stream_key = frame.stream, None
-        key = frame.key or None
-        if key is None and frame.kind is _CHUNK and frame.payload is not None:
-            chunk_id = frame.payload.get("id")
-            if isinstance(chunk_id, str) and chunk_id:
-                if stream is None:
-                    key = chunk_id
-                else:
-                    key = stream_key = stream_key or chunk_id
-        if key is None:
+            stream, stream_key = frame_stream, None
+        if not key and kind is _CHUNK and payload is not None:
+            key = payload.get("id")
+            if type(key) is not str or not key:
+                key = None
+            elif stream is not None:
+                key = stream_key = stream_key or key
+        if not key:
             key = last_key if stream is None else stream_key
-        if key is None:
-            waiting.append(frame)
-            continue
-        for early in waiting:
-            yield key, early
-        waiting.clear()
+            if key is None:
+                waiting.append(frame)
+                continue
+        if waiting:
+            for early in waiting:
+                yield key, early
+            waiting.clear()
         last_key = key
         yield key, frame
     for early in waiting:
