@@ -123,55 +123,36 @@ def published(
     counts = counts if counts is not None else ReplayCounts()
     states: dict[str, AnyState] = {}
     closed: deque[str] = deque()
-    limit, max_record_bytes = settings.max_message_bytes, settings.max_record_bytes
-    events_topic, fold, encode, event_value = (
-        settings.events_topic,
-        engine.fold,
-        fit.encode,
-        outputs.event_value,
-    )
+    limit = settings.max_message_bytes
     for key, frame in frames_to_keys(iter_frames(source, strict=strict)):
-        # The per-record path, kept flat: most records are a chunk folded in place into an open
-        # completion, giving one event (the general case is spelt out in ``_outputs``).
         counts.records += 1
         state = states.get(key)
-        problem = frame.problem
-        if problem is None and (len(key) * 4 > MAX_KEY_BYTES or len(frame.raw) * 4 > max_record_bytes):
-            problem = _size_problem(key, frame, max_record_bytes)  # exact sizes only when it may matter
-        if problem is None:
+        outcome: engine.FoldResult | InvalidRecord
+        if frame.problem is not None:
+            outcome = frame.problem
+        elif (problem := _size_problem(key, frame, settings.max_record_bytes)) is not None:
+            outcome = problem
+        else:
             if state is None and request is not None and frame.kind is not RecordKind.REQUEST:
                 state = states[key] = _fold(None, key, Frame(0, RecordKind.REQUEST, request), options).state  # type: ignore[assignment]
                 counts.completions += 1
-            try:
-                if frame.kind is _CHUNK:
-                    record = chunk_record(frame.payload, frame.line, frame.seq, None)
-                else:
-                    record = make_record(key, frame.kind, frame.payload, offset=frame.line, seq=frame.seq)
-                outcome = fold(state, key, record, options)
-            except InvalidRecord as exc:
-                problem = exc
-        if problem is not None:
+            outcome = _try_fold(state, key, frame, options)
+        if isinstance(outcome, InvalidRecord):
             if strict:
-                raise InputError(f"line {frame.line}: {problem}")
-            counts.deadletters[problem.reason] = counts.deadletters.get(problem.reason, 0) + 1
-            yield _deadletter(problem, key, frame, settings)
+                raise InputError(f"line {frame.line}: {outcome}")
+            counts.deadletters[outcome.reason] = counts.deadletters.get(outcome.reason, 0) + 1
+            yield _deadletter(outcome, key, frame, settings)
             continue
-        events, folded = outcome.events, outcome.state
-        if len(events) == 1 and outcome.done is None:
-            counts.events += 1
-            value = encode(event_value(key, events[0]), limit, key.encode("utf-8"))[0]
-            yield tuple.__new__(Published, (events_topic, key, value))  # without the NamedTuple's __new__
-        else:
-            yield from _outputs(key, outcome, settings, limit, counts)
-        if folded is state:  # folded in place: most records
+        if state is None and outcome.state is not None:
+            counts.completions += 1
+        yield from _outputs(key, outcome, settings, limit, counts)
+        if outcome.state is state:  # folded in place: most records
             continue
-        if folded is None:
+        if outcome.state is None:
             states.pop(key, None)
             continue
-        if state is None:
-            counts.completions += 1
-        states[key] = folded
-        if isinstance(folded, ClosedCompletion) and not isinstance(state, ClosedCompletion):
+        states[key] = outcome.state
+        if isinstance(outcome.state, ClosedCompletion) and not isinstance(state, ClosedCompletion):
             closed.append(key)
             if len(closed) > MAX_TOMBSTONES:
                 states.pop(closed.popleft(), None)

@@ -131,37 +131,26 @@ def cmd_replay(args: argparse.Namespace) -> int:
         counts = replay.ReplayCounts()
         records = replay.published(lines, request, settings, strict=args.strict, counts=counts)
         progress = _Progress(counts) if sys.stderr.isatty() else None
-        _write_kafka_lines(records, progress)
+        _write(_kafka_lines(records, progress))
     if progress is not None:
         progress.clear()
     print(f"chunkfold replay: {_summary(counts)}", file=sys.stderr)
     return 0
 
 
-def _write_kafka_lines(records: Iterator[Published], progress: _Progress | None) -> None:
-    """``{"topic", "key", "value"}`` lines on stdout, the value's JSON as the worker publishes
-    it. A line is written as its head (made once per topic and key), the value and the close:
-    the parts of ``WRITE_BATCH`` lines are joined once, never a line on its own."""
-    out, dumps = sys.stdout.buffer, codec.dumps
+def _kafka_lines(records: Iterator[Published], progress: _Progress | None) -> Iterator[bytes]:
+    """``{"topic", "key", "value"}`` lines, the value's JSON as the worker publishes it."""
+    dumps = codec.dumps
     heads: dict[tuple[str, str], bytes] = {}  # '{"topic":...,"key":...,"value":' per topic and key
-    parts: list[bytes] = []
-    add = parts.append
-    for n, (topic, key, value) in enumerate(records, start=1):
+    for n, (topic, key, value) in enumerate(records):
         head = heads.get((topic, key))
         if head is None:
             if len(heads) >= KEY_CACHE_SIZE:
                 heads.clear()
             head = heads[(topic, key)] = b'{"topic":%b,"key":%b,"value":' % (dumps(topic), dumps(key))
-        add(head)
-        add(value)
-        add(b"}\n")
-        if n % WRITE_BATCH == 0:
-            out.write(b"".join(parts))
-            parts.clear()
-            if progress is not None:
-                progress.tick()
-    out.write(b"".join(parts))
-    out.flush()
+        yield head + value + b"}\n"
+        if progress is not None and n % 4096 == 0:
+            progress.tick()
 
 
 def _summary(counts: ReplayCounts) -> str:
