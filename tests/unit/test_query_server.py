@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -156,8 +156,11 @@ async def fleet(*, token: str | None = TOKEN, **options: Any) -> AsyncIterator[F
         await runner_b.cleanup()
 
 
-def run(test: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(test(), 30))
+T = TypeVar("T")
+
+
+def run(test: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(asyncio.wait_for(test(), 30))
 
 
 def test_the_owner_answers_itself_and_the_other_member_forwards_to_it() -> None:
@@ -307,31 +310,33 @@ def test_events_stream_from_the_seq_asked_for(query: str, headers: dict[str, str
     run(test)
 
 
-def test_a_paused_stream_gets_keep_alive_comments_between_its_events() -> None:
-    async def test() -> None:
-        async with fleet(keep_alive_s=0.1) as f:
-            f.b.events.pause_s = 0.35
-            status, _, body = await f.get(f.b, OWNED_BY_A, "/events?from_seq=4")
-            assert status == 200
-            frames = [frame + b"\n\n" for frame in body.split(b"\n\n") if frame]
-            comments = [frame for frame in frames if frame.startswith(b":")]
-            events = b"".join(frame for frame in frames if not frame.startswith(b":"))
-            assert events == sse_body(OWNED_BY_A, range(4, 6))  # comments change nothing else
-            assert set(comments) == {b": keep-alive\n\n"}
-            assert len(comments) >= 4  # about three in each 0.35 s pause at 0.1 s
-            assert frames[-1] != comments[-1], "the stream ends with its last event"
+def paused_events(query: str, *, keep_alive_s: float, pause_s: float) -> bytes:
+    """The body of ``/events{query}`` for a completion of A asked of B, its events ``pause_s``
+    apart, on listeners that keep a stream alive after ``keep_alive_s``."""
 
-    run(test)
+    async def test() -> bytes:
+        async with fleet(keep_alive_s=keep_alive_s) as f:
+            f.b.events.pause_s = pause_s
+            status, _, body = await f.get(f.b, OWNED_BY_A, f"/events{query}")
+            assert status == 200
+            return body
+
+    return run(test)
+
+
+def test_a_paused_stream_gets_keep_alive_comments_between_its_events() -> None:
+    body = paused_events("?from_seq=4", keep_alive_s=0.1, pause_s=0.35)
+    frames = [frame + b"\n\n" for frame in body.split(b"\n\n") if frame]
+    comments = [frame for frame in frames if frame.startswith(b":")]
+    events = b"".join(frame for frame in frames if not frame.startswith(b":"))
+    assert events == sse_body(OWNED_BY_A, range(4, 6))  # comments change nothing else
+    assert set(comments) == {b": keep-alive\n\n"}
+    assert len(comments) >= 4  # about three in each 0.35 s pause at 0.1 s
+    assert frames[-1] != comments[-1], "the stream ends with its last event"
 
 
 def test_a_busy_stream_gets_no_keep_alive_comments() -> None:
-    async def test() -> None:
-        async with fleet(keep_alive_s=0.5) as f:
-            f.b.events.pause_s = 0.01
-            _, _, body = await f.get(f.b, OWNED_BY_A, "/events")
-            assert body == sse_body(OWNED_BY_A, range(6))
-
-    run(test)
+    assert paused_events("", keep_alive_s=0.5, pause_s=0.01) == sse_body(OWNED_BY_A, range(6))
 
 
 @pytest.mark.parametrize(
