@@ -123,15 +123,23 @@ def worker_acls(s: Settings, principal: str, *, skip: tuple[str, ...] = ()) -> l
     return acls
 
 
-def create_topics(s: Settings, *, changelog_partitions: int | None = None, policy: str = "compact") -> None:
-    """The worker's topics, made by the admin (``s`` must be the admin's settings)."""
+def create_topics(
+    s: Settings,
+    *,
+    changelog_partitions: int | None = None,
+    policy: str = "compact",
+    done_limit: int | None = None,
+) -> None:
+    """The worker's topics, made by the admin (``s`` must be the admin's settings);
+    ``done_limit``: the done topic's ``max.message.bytes``."""
     from chunkfold.kafka_io import ensure_topics
 
     kafka = KafkaClients.of(s)
 
     async def run() -> None:
-        topics = [s.input_topic, s.events_topic, s.done_topic, s.deadletter_topic]
-        await ensure_topics(kafka, topics, s.partitions)
+        await ensure_topics(kafka, [s.input_topic, s.events_topic, s.deadletter_topic], s.partitions)
+        done_configs = {"max.message.bytes": str(done_limit)} if done_limit is not None else None
+        await ensure_topics(kafka, [s.done_topic], s.partitions, configs=done_configs)
         await ensure_topics(
             kafka,
             [f"{s.app_id}-state-changelog"],
@@ -406,6 +414,18 @@ def test_a_wrong_changelog_is_refused(
     assert code == STARTUP_FAILED
     changelog = f"{s.app_id}-state-changelog"
     assert line.startswith(f"chunkfold worker: changelog {changelog} {want.format(input=s.input_topic)}")
+
+
+def test_an_output_topic_too_small_for_a_keyed_output_is_refused(secured: Secured) -> None:
+    s = secured.settings("worker", create_topics=False)
+    create_topics(secured.as_user(s, "admin"), done_limit=8192)
+    secured.grant(worker_acls(s, "worker"))
+    code, line = failing_worker(s)
+    assert code == STARTUP_FAILED
+    assert line == (
+        f"chunkfold worker: output topic {s.done_topic} has max.message.bytes=8192: chunkfold needs "
+        "at least 16384 (room for every output with its key)"
+    )
 
 
 def test_exactly_once_without_the_transactional_id_acl_stops_before_processing(secured: Secured) -> None:

@@ -57,6 +57,11 @@ def test_from_env_reads_every_setting_and_overrides_given_values(monkeypatch: py
             "CHUNKFOLD_PROCESSING_GUARANTEE='twice': Input should be 'at_least_once' or 'exactly_once'",
         ),
         (
+            "CHUNKFOLD_MAX_MESSAGE_BYTES",
+            "8192",
+            "CHUNKFOLD_MAX_MESSAGE_BYTES='8192': Input should be greater than or equal to 16384",
+        ),
+        (
             "CHUNKFOLD_PARTIAL_PARSE",
             "perhaps",
             "CHUNKFOLD_PARTIAL_PARSE='perhaps': Input should be a valid boolean",

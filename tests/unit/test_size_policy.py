@@ -12,7 +12,7 @@ import pytest
 
 from chunkfold.config import Settings
 from chunkfold.core import fit, persist
-from chunkfold.core.records import KIND_HEADER, MAX_KEY_BYTES
+from chunkfold.core.records import KIND_HEADER, MAX_KEY_BYTES, max_key_bytes
 from chunkfold.processor import Output, Processor
 from chunkfold.state.memory import MemoryStore
 from chunkfold_schemas.deadletter import parse_deadletter
@@ -168,6 +168,29 @@ def test_a_key_longer_than_a_completion_id_may_be_is_dead_lettered_under_a_short
     assert parse_deadletter(dead.value).reason == "key_too_large"
     assert dead.key == key[:MAX_KEY_BYTES]
     assert len(dead.value) <= fit.value_budget(LIMIT, dead.key)
+
+
+@pytest.mark.parametrize("limit", [fit.MIN_OUTPUT_BYTES, 64 * 1024, 900 * 1024, LIMIT])
+def test_every_output_of_a_key_at_the_key_limit_fits_and_a_longer_key_is_dead_lettered(limit: int) -> None:
+    """The key limit follows the smallest output limit: a key of control characters (whose JSON
+    is 6 bytes a byte) at the limit still gets events and a done record that fit, cut to their
+    essential fields if need be; one byte more is ``key_too_large``, under a key cut to fit."""
+    p = processor()
+    p.set_limits(dict.fromkeys(p.limits, limit))
+    assert p.max_key == max_key_bytes(limit) <= MAX_KEY_BYTES
+    assert max_key_bytes(fit.MIN_OUTPUT_BYTES) == 2048 and max_key_bytes(LIMIT) == MAX_KEY_BYTES
+    key = b"\x01" * p.max_key
+    out = run(p, content_stream(["a", "b" * 5_000], key=key))
+    assert_all_fit(p, out)
+    whole = run(processor(), content_stream(["a", "b" * 5_000]))
+    assert [o.topic for o in out] == [o.topic for o in whole]  # every event and the done record
+    done = orjson.loads(next(o.value for o in out if o.topic == p.settings.done_topic))
+    assert done["status"] == "completed"  # an essential field: kept however the value is cut
+    longer = key + b"\x01"
+    [dead] = run(p, content_stream(["a"], key=longer)[:1], start=100)
+    assert parse_deadletter(dead.value).reason == "key_too_large"
+    assert dead.key == longer[: p.max_key]
+    assert_all_fit(p, [dead])
 
 
 def test_a_request_context_near_the_input_limit_still_gives_a_done_record_that_fits() -> None:

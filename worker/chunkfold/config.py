@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from chunkfold.core.fit import MIN_OUTPUT_BYTES
+
 ENV_PREFIX = "CHUNKFOLD_"
 BOOTSTRAP_ENV = "KAFKA_BOOTSTRAP_SERVERS"
 OTHER_VARIABLES = frozenset({"CHUNKFOLD_KAFKA_PORT", "CHUNKFOLD_QUERY_URL"})
@@ -70,10 +72,10 @@ class Settings(BaseSettings):
     tombstone_s: float = 600.0
     commit_interval_s: float = 1.0
     max_record_bytes: int = 1 << 20
-    max_message_bytes: int = 1 << 20
+    max_message_bytes: int = Field(1 << 20, ge=MIN_OUTPUT_BYTES)
     """The largest output record: topics chunkfold creates get this ``max.message.bytes``; an
     existing output topic with a lower limit lowers it for that topic. Larger values are cut to
-    fit (the size policy, ``chunkfold.core.fit``)."""
+    fit (the size policy, ``chunkfold.core.fit``). At least ``MIN_OUTPUT_BYTES`` (16 KiB)."""
     max_clock_skew_s: float = 10.0
     """How far ahead of this worker's clock a record timestamp may move stream time."""
     store: str = "memory://"

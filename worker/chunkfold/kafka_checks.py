@@ -32,6 +32,7 @@ from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import Array, Boolean, Int16, Int32, Schema, String
 
 from chunkfold.config import Settings
+from chunkfold.core.fit import MIN_OUTPUT_BYTES
 from chunkfold.kafka_io import KafkaClients, ensure_topics
 
 OPERATIONS = {
@@ -243,6 +244,15 @@ async def changelog_policy(kafka: KafkaClients, changelog: str) -> str | None:
     return (await topic_config(kafka, [changelog], "cleanup.policy")).get(changelog)
 
 
+async def small_record_limits(kafka: KafkaClients, topics: Iterable[str]) -> dict[str, int]:
+    """The topics whose ``max.message.bytes`` is under ``MIN_OUTPUT_BYTES`` (a limit that
+    cannot be read is not reported: the worker then assumes its setting)."""
+    from chunkfold.kafka_io import topic_config
+
+    limits = await topic_config(kafka, topics, "max.message.bytes")
+    return {topic: int(limit) for topic, limit in limits.items() if int(limit) < MIN_OUTPUT_BYTES}
+
+
 async def prepare_worker_topics(kafka: KafkaClients, settings: Settings, changelog: str) -> None:
     """Create what is missing (unless ``create_topics`` is off), then check everything the worker
     needs of its topics and group; raises ``StartupError``."""
@@ -283,6 +293,13 @@ async def prepare_worker_topics(kafka: KafkaClients, settings: Settings, changel
             f"changelog {changelog} has {states} partitions and input topic {s.input_topic} {ins}: "
             "state is kept by input partition, so they must be equal (recreate the changelog with "
             f"{ins} partitions, or drop it to have chunkfold create it)"
+        )
+    small = await small_record_limits(kafka, outputs)
+    if small:
+        topic, limit = min(small.items())
+        raise StartupError(
+            f"output topic {topic} has max.message.bytes={limit}: chunkfold needs at least "
+            f"{MIN_OUTPUT_BYTES} (room for every output with its key)"
         )
     policy = await changelog_policy(kafka, changelog)
     if policy is None:

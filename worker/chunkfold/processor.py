@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -21,7 +21,7 @@ from prometheus_client.metrics_core import Metric
 from chunkfold.config import Settings
 from chunkfold.core import engine, fit, outputs
 from chunkfold.core.persist import CorruptState, Cursor, completion_of, delete_writes, flush_writes, restore
-from chunkfold.core.records import MAX_KEY_BYTES, InvalidRecord, RecordKind, decode_record
+from chunkfold.core.records import InvalidRecord, RecordKind, decode_record, max_key_bytes
 from chunkfold.core.snapshot import snapshot
 from chunkfold.core.state import AnyState, ClosedCompletion, CompletionState, StateVersionError
 from chunkfold.metrics import Families, Metrics, counter, gauge, histogram, worker_registry
@@ -121,7 +121,10 @@ class Processor:
             (settings.events_topic, settings.done_topic, settings.deadletter_topic),
             settings.max_message_bytes,
         )
-        """Each output topic's largest record (the driver lowers it to what the topic accepts)."""
+        """Each output topic's largest record (the driver lowers it to what the topic accepts,
+        ``set_limits``)."""
+        self.max_key = max_key_bytes(settings.max_message_bytes)
+        """The longest input key: every output keyed by it fits the smallest of ``limits``."""
         self.options = engine.FoldOptions(snapshots=settings.snapshots, partial_parse=settings.partial_parse)
         self.tracked: dict[str, Tracked] = {}
         self.dirty: dict[str, Tracked] = {}
@@ -188,6 +191,7 @@ class Processor:
                 offset=offset,
                 timestamp_ms=timestamp_ms,
                 max_bytes=self.settings.max_record_bytes,
+                max_key=self.max_key,
             )
             tracked = self._load(completion_id, partition)
         except InvalidRecord as exc:
@@ -401,7 +405,7 @@ class Processor:
             timestamp_ms=timestamp_ms,
         )
         topic = self.settings.deadletter_topic
-        dead_key = (key or b"")[:MAX_KEY_BYTES]
+        dead_key = (key or b"")[: self.max_key]
         return Output(topic, dead_key, self._fitted(topic, dead_key, dead))
 
     # -- write-behind ---------------------------------------------------------------------
@@ -512,6 +516,11 @@ class Processor:
         return snapshot(state, partition)
 
     # -- ownership ------------------------------------------------------------------------
+
+    def set_limits(self, limits: Mapping[str, int]) -> None:
+        """The output topics' record limits as the brokers report them (at most the setting)."""
+        self.limits.update(limits)
+        self.max_key = max_key_bytes(min(self.limits.values()))
 
     def assign(self, partitions: Iterable[int]) -> None:
         new = set(partitions) - self.assigned

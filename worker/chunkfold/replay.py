@@ -19,7 +19,6 @@ from chunkfold.core import codec, completion, engine, fit, outputs
 from chunkfold.core.inputs import Frame, InputError, Lines, frames_to_keys, iter_frames
 from chunkfold.core.records import (
     KIND_HEADER,
-    MAX_KEY_BYTES,
     SEQ_HEADER,
     InputRecord,
     InvalidRecord,
@@ -27,6 +26,7 @@ from chunkfold.core.records import (
     chunk_record,
     key_too_large,
     make_record,
+    max_key_bytes,
     oversized,
 )
 from chunkfold.core.state import AnyState, ClosedCompletion, CompletionState
@@ -124,13 +124,14 @@ def published(
     states: dict[str, AnyState] = {}
     closed: deque[str] = deque()
     limit = settings.max_message_bytes
+    max_key = max_key_bytes(limit)
     for key, frame in frames_to_keys(iter_frames(source, strict=strict)):
         counts.records += 1
         state = states.get(key)
         outcome: engine.FoldResult | InvalidRecord
         if frame.problem is not None:
             outcome = frame.problem
-        elif (problem := _size_problem(key, frame, settings.max_record_bytes)) is not None:
+        elif (problem := _size_problem(key, frame, settings.max_record_bytes, max_key)) is not None:
             outcome = problem
         else:
             if state is None and request is not None and frame.kind is not RecordKind.REQUEST:
@@ -176,12 +177,12 @@ def _outputs(
         yield Published(settings.done_topic, key, fit.encode(result.done, limit, raw_key)[0])
 
 
-def _size_problem(key: str, frame: Frame, max_bytes: int) -> InvalidRecord | None:
-    """The worker's size rules (``decode_record``): a key over ``MAX_KEY_BYTES``, a value over
-    ``CHUNKFOLD_MAX_RECORD_BYTES``. A character is at most 4 UTF-8 bytes: the exact sizes are
+def _size_problem(key: str, frame: Frame, max_bytes: int, max_key: int) -> InvalidRecord | None:
+    """The worker's size rules (``decode_record``): a key over ``max_key`` (``max_key_bytes``),
+    a value over ``CHUNKFOLD_MAX_RECORD_BYTES``. A character is at most 4 UTF-8 bytes: the exact sizes are
     computed only for the rare text long enough to break a rule."""
-    if len(key) * 4 > MAX_KEY_BYTES and len(raw := key.encode("utf-8")) > MAX_KEY_BYTES:
-        return key_too_large(len(raw))
+    if len(key) * 4 > max_key and len(raw := key.encode("utf-8")) > max_key:
+        return key_too_large(len(raw), max_key)
     if len(frame.raw) * 4 > max_bytes and len(value := _record_value(frame)) > max_bytes:
         return oversized(len(value), max_bytes)
     return None
@@ -202,7 +203,7 @@ def _record_value(frame: Frame) -> bytes:
 def _deadletter(problem: InvalidRecord, key: str, frame: Frame, settings: Settings) -> Published:
     """The dead letter the worker would publish for ``frame``, read as a gateway publishes it
     (an envelope's value and headers, else the record's text). Its key is cut to
-    ``MAX_KEY_BYTES``, as the worker cuts it."""
+    the key limit (``max_key_bytes``), as the worker cuts it."""
     headers: list[tuple[str, bytes]] = []
     if _is_envelope(frame):
         if frame.kind is not RecordKind.CHUNK and frame.kind is not RecordKind.DONE:
@@ -211,7 +212,7 @@ def _deadletter(problem: InvalidRecord, key: str, frame: Frame, settings: Settin
             headers.append((SEQ_HEADER, str(frame.seq).encode()))
     value = _record_value(frame)
     raw_key = key.encode("utf-8")
-    dead_key = raw_key[:MAX_KEY_BYTES]
+    dead_key = raw_key[: max_key_bytes(settings.max_message_bytes)]
     dead = outputs.deadletter_value(
         reason=problem.reason,
         detail=problem.detail,

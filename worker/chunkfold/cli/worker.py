@@ -91,7 +91,7 @@ def run_worker(args: argparse.Namespace) -> int:
     partitions = KeyPartitions(asyncio.run(partition_counts(kafka, outputs)))
     app, processor = create_app(settings, partitions, kafka)
     cap = settings.max_message_bytes
-    processor.limits.update(asyncio.run(record_limits(kafka, processor.limits, cap)))
+    processor.set_limits(asyncio.run(record_limits(kafka, processor.limits, cap)))
     from faust.worker import Worker
 
     worker = Worker(app, loglevel=args.loglevel, quiet=True, logging_config=config)

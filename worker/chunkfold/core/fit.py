@@ -37,6 +37,13 @@ ENTRY_BYTES = 200
 """About what one ``truncated`` entry adds (plus its path): a new cut removes this much more."""
 
 
+MIN_OUTPUT_BYTES = 16 * 1024
+"""The smallest record limit an output topic may have (``CHUNKFOLD_MAX_MESSAGE_BYTES`` and the
+topics' ``max.message.bytes``, checked at start): room for a 2 KiB key (``records.max_key_bytes``)
+and its outputs' essential fields."""
+ESSENTIAL_ROOM_BYTES = 1024
+"""What a value cut to its ``ESSENTIAL_KEYS`` takes at most besides its ``completion_id``: those
+short fields and the one ``truncated`` entry (about 200 bytes)."""
 ESSENTIAL_KEYS = ("version", "type", "completion_id", "choice_index", "seq", "status", "reason")
 """What a value keeps when cutting cannot make it fit (only objects with very many small
 members get there): these keys, and one ``truncated`` entry for the whole value (path "")."""

@@ -10,13 +10,13 @@ from collections.abc import Iterable
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from chunkfold.core import codec
+from chunkfold.core import codec, fit
 
 KIND_HEADER = "chunkfold.kind"
 SEQ_HEADER = "chunkfold.seq"
 MAX_KEY_BYTES = 128 * 1024
-"""The longest completion id: it keys and is repeated in every output record, which must still
-leave room for content within a topic's limit."""
+"""The longest completion id with the default output limit (``max_key_bytes`` lowers it for
+smaller ones)."""
 DEFAULT_MAX_RECORD_BYTES = 1 << 20
 CHUNK_OBJECT = "chat.completion.chunk"
 
@@ -68,12 +68,14 @@ def decode_record(
     offset: int | None = None,
     timestamp_ms: int | None = None,
     max_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    max_key: int = MAX_KEY_BYTES,
 ) -> tuple[str, InputRecord]:
-    """Turn one raw input record into ``(completion_id, InputRecord)`` or raise ``InvalidRecord``."""
+    """Turn one raw input record into ``(completion_id, InputRecord)`` or raise ``InvalidRecord``.
+    ``max_key``: the key limit for the worker's output topics (``max_key_bytes``)."""
     if not key:
         raise InvalidRecord("missing_key", "record has no key (the completion id)")
-    if len(key) > MAX_KEY_BYTES:
-        raise key_too_large(len(key))
+    if len(key) > max_key:
+        raise key_too_large(len(key), max_key)
     try:
         completion_id = key.decode("utf-8")
     except UnicodeDecodeError:
@@ -108,9 +110,19 @@ def decode_record(
     )
 
 
-def key_too_large(size: int) -> InvalidRecord:
-    """A key longer than ``MAX_KEY_BYTES`` (the worker's rule, which replay applies too)."""
-    return InvalidRecord("key_too_large", f"key is {size} bytes, limit {MAX_KEY_BYTES}")
+def max_key_bytes(output_limit: int) -> int:
+    """The longest key (UTF-8 bytes) whose outputs all fit topics whose records may be
+    ``output_limit`` bytes: an output carries the key twice, as its record key and as its
+    ``completion_id`` (whose JSON takes up to 6 bytes per key byte: control characters are
+    escaped), and must fit even when cut to its essential fields (``fit``). At most
+    ``MAX_KEY_BYTES``; 2,048 bytes at ``fit.MIN_OUTPUT_BYTES``."""
+    room = output_limit - fit.RECORD_OVERHEAD_BYTES - fit.ESSENTIAL_ROOM_BYTES
+    return max(0, min(MAX_KEY_BYTES, room // 7))
+
+
+def key_too_large(size: int, limit: int) -> InvalidRecord:
+    """A key longer than ``limit`` (``max_key_bytes``: the worker's rule, which replay applies too)."""
+    return InvalidRecord("key_too_large", f"key is {size} bytes, limit {limit}")
 
 
 def oversized(size: int, max_bytes: int) -> InvalidRecord:

@@ -305,7 +305,7 @@ async def run_worker(settings: Settings, kafka: KafkaClients) -> DeliveryFailed 
         highwater=lambda p: _highwater(consumer, s.input_topic, p),
         events_partition=events_partition,
     )
-    processor.limits.update((topic, limits[topic]) for topic in outputs)
+    processor.set_limits({topic: limits[topic] for topic in outputs})
     recovery = Recovery(s, store, changelog, local_copy, kafka)
     processor.registry.register(Families(recovery.metric_families))
     web_runner = await serve_web(s, processor, recovery) if s.web_port > 0 else None
