@@ -9,14 +9,26 @@ Memory is bounded by the open completions, not by the input: frames are read one
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jiter
 
 from chunkfold.core import codec, completion, engine, fit, outputs
-from chunkfold.core.inputs import Frame, InputError, Lines, frames_to_keys, iter_frames
+from chunkfold.core.inputs import (
+    Frame,
+    FrameKeys,
+    InputError,
+    Lines,
+    chunk_frame,
+    frames_to_keys,
+    is_envelope,
+    iter_frames,
+    jsonl_frame,
+    open_lines,
+    sse_frames,
+)
 from chunkfold.core.records import (
     KIND_HEADER,
     SEQ_HEADER,
@@ -118,49 +130,173 @@ def published(
 
     A record the worker would dead-letter raises ``InputError`` when ``strict``; otherwise it
     is published to the dead-letter topic as the worker would (the source's ``offset`` is its
-    line, ``partition`` and ``timestamp_ms`` null) and the replay goes on."""
-    options = engine.FoldOptions(snapshots=settings.snapshots, partial_parse=settings.partial_parse)
-    counts = counts if counts is not None else ReplayCounts()
-    states: dict[str, AnyState] = {}
-    closed: deque[str] = deque()
-    limit = settings.max_message_bytes
-    max_key = max_key_bytes(limit)
-    for key, frame in frames_to_keys(iter_frames(source, strict=strict)):
-        counts.records += 1
-        state = states.get(key)
+    line, ``partition`` and ``timestamp_ms`` null) and the replay goes on.
+
+    JSON Lines go through ``_Replay.jsonl``, whose loop folds a plain chunk line itself and
+    hands every other line to the per-frame path; SSE goes through ``published_from_frames``.
+    Both publish the same bytes (``tests/unit/test_replay_paths.py``)."""
+    opened = open_lines(source)
+    if opened is None:
+        return
+    replay = _Replay(request, settings, strict, counts if counts is not None else ReplayCounts())
+    if opened.format == "jsonl":
+        yield from replay.jsonl(opened.lines, opened.first_number)
+    else:
+        yield from replay.frames(frames_to_keys(sse_frames(opened, strict)))
+    yield from replay.end()
+
+
+def published_from_frames(
+    keyed: Iterable[tuple[str, Frame]],
+    request: dict[str, Any] | None,
+    settings: Settings,
+    *,
+    strict: bool = True,
+    counts: ReplayCounts | None = None,
+) -> Iterator[Published]:
+    """``published`` over frames already keyed (``frames_to_keys``), each by the per-frame path."""
+    replay = _Replay(request, settings, strict, counts if counts is not None else ReplayCounts())
+    yield from replay.frames(keyed)
+    yield from replay.end()
+
+
+class _Replay:
+    """One replay's open completions, tombstones and counts, and the step of one frame."""
+
+    def __init__(
+        self, request: dict[str, Any] | None, settings: Settings, strict: bool, counts: ReplayCounts
+    ) -> None:
+        self.request = request
+        self.settings = settings
+        self.strict = strict
+        self.counts = counts
+        self.options = engine.FoldOptions(snapshots=settings.snapshots, partial_parse=settings.partial_parse)
+        self.limit = settings.max_message_bytes
+        self.max_key = max_key_bytes(settings.max_message_bytes)
+        self.states: dict[str, AnyState] = {}
+        self.closed: deque[str] = deque()
+
+    def frames(self, keyed: Iterable[tuple[str, Frame]]) -> Iterator[Published]:
+        for key, frame in keyed:
+            yield from self.frame(key, frame)
+
+    def frame(self, key: str, frame: Frame) -> Iterator[Published]:
+        """The records of one keyed frame: the per-frame path, which every rule goes through."""
+        self.counts.records += 1
+        state = self.states.get(key)
         outcome: engine.FoldResult | InvalidRecord
         if frame.problem is not None:
             outcome = frame.problem
-        elif (problem := _size_problem(key, frame, settings.max_record_bytes, max_key)) is not None:
+        elif (problem := _size_problem(key, frame, self.settings.max_record_bytes, self.max_key)) is not None:
             outcome = problem
         else:
-            if state is None and request is not None and frame.kind is not RecordKind.REQUEST:
-                state = states[key] = _fold(None, key, Frame(0, RecordKind.REQUEST, request), options).state  # type: ignore[assignment]
-                counts.completions += 1
-            outcome = _try_fold(state, key, frame, options)
+            if state is None and self.request is not None and frame.kind is not RecordKind.REQUEST:
+                request = Frame(0, RecordKind.REQUEST, self.request)
+                state = self.states[key] = _fold(None, key, request, self.options).state  # type: ignore[assignment]
+                self.counts.completions += 1
+            outcome = _try_fold(state, key, frame, self.options)
+        yield from self.settle(key, frame, state, outcome)
+
+    def settle(
+        self, key: str, frame: Frame, state: AnyState | None, outcome: engine.FoldResult | InvalidRecord
+    ) -> Iterator[Published]:
+        """What the fold of ``frame`` (from ``state``) publishes, and the completion's new state."""
         if isinstance(outcome, InvalidRecord):
-            if strict:
+            if self.strict:
                 raise InputError(f"line {frame.line}: {outcome}")
-            counts.deadletters[outcome.reason] = counts.deadletters.get(outcome.reason, 0) + 1
-            yield _deadletter(outcome, key, frame, settings)
-            continue
+            reasons = self.counts.deadletters
+            reasons[outcome.reason] = reasons.get(outcome.reason, 0) + 1
+            yield _deadletter(outcome, key, frame, self.settings)
+            return
         if state is None and outcome.state is not None:
-            counts.completions += 1
-        yield from _outputs(key, outcome, settings, limit, counts)
+            self.counts.completions += 1
+        yield from _outputs(key, outcome, self.settings, self.limit, self.counts)
         if outcome.state is state:  # folded in place: most records
-            continue
+            return
         if outcome.state is None:
-            states.pop(key, None)
-            continue
-        states[key] = outcome.state
+            self.states.pop(key, None)
+            return
+        self.states[key] = outcome.state
         if isinstance(outcome.state, ClosedCompletion) and not isinstance(state, ClosedCompletion):
-            closed.append(key)
-            if len(closed) > MAX_TOMBSTONES:
-                states.pop(closed.popleft(), None)
-    for key, state in states.items():
-        if isinstance(state, CompletionState):
-            end = engine.fold(state, key, InputRecord(RecordKind.DONE), options)
-            yield from _outputs(key, end, settings, limit, counts)
+            self.closed.append(key)
+            if len(self.closed) > MAX_TOMBSTONES:
+                self.states.pop(self.closed.popleft(), None)
+
+    def jsonl(self, lines: Iterable[str], first_number: int) -> Iterator[Published]:
+        """The lines of a JSON Lines capture. A plain chunk line (most lines: an object with a
+        non-empty ``id``, of an open completion, short enough for the size rules to pass at a
+        glance, with no frame waiting for its key) is keyed by its id and folded here, without
+        the frame and key layers; one whose fold is anything but events in place goes on to
+        ``settle``, and every other line through ``jsonl_frame``, ``FrameKeys`` and ``frame``.
+        A line has one parse: the frame of a parsed line is made from its payload."""
+        keys = FrameKeys()
+        states, counts, options, limit = self.states, self.counts, self.options, self.limit
+        events_topic = self.settings.events_topic
+        # a value or key this short cannot break a size rule (a character is at most 4 bytes)
+        short_line, short_key = self.settings.max_record_bytes // 4, self.max_key // 4
+        loads, decode_error, fold, encode, event_value = (
+            codec.loads_raw,
+            codec.RawDecodeError,
+            engine.fold,
+            fit.encode,
+            outputs.event_value,
+        )
+        new = tuple.__new__
+        for number, raw in enumerate(lines, start=first_number):
+            frame: Frame | None = None
+            if raw[:1] == "{":
+                try:
+                    payload = loads(raw)
+                except decode_error:
+                    payload = None
+                if payload is not None and not is_envelope(payload):
+                    key = payload.get("id")
+                    state = states.get(key) if type(key) is str else None
+                    if (
+                        state is not None
+                        and key
+                        and len(raw) <= short_line
+                        and len(key) <= short_key
+                        and not keys.waiting
+                    ):
+                        counts.records += 1
+                        keys.last_key = key
+                        outcome: engine.FoldResult | InvalidRecord
+                        try:
+                            outcome = fold(state, key, chunk_record(payload, number, None, None), options)
+                        except InvalidRecord as exc:
+                            outcome = exc
+                        if (
+                            type(outcome) is engine.FoldResult
+                            and outcome.state is state
+                            and outcome.done is None
+                        ):
+                            raw_key = key.encode("utf-8")
+                            for event in outcome.events:
+                                yield new(
+                                    Published,
+                                    (events_topic, key, encode(event_value(key, event), limit, raw_key)[0]),
+                                )
+                            counts.events += len(outcome.events)
+                        else:
+                            yield from self.settle(key, chunk_frame(number, payload, raw), state, outcome)
+                        continue
+                    frame = chunk_frame(number, payload, raw)
+            if frame is None:
+                frame = jsonl_frame(number, raw, self.strict)
+                if frame is None:
+                    continue
+            for keyed_frame in keys.assign(frame):
+                yield from self.frame(*keyed_frame)
+        for keyed_frame in keys.end():
+            yield from self.frame(*keyed_frame)
+
+    def end(self) -> Iterator[Published]:
+        """The end of the input: every completion still open ends as ``[DONE]`` would end it."""
+        for key, state in self.states.items():
+            if isinstance(state, CompletionState):
+                end = engine.fold(state, key, InputRecord(RecordKind.DONE), self.options)
+                yield from _outputs(key, end, self.settings, self.limit, self.counts)
 
 
 def _outputs(

@@ -129,27 +129,40 @@ def iter_frames(source: Lines, *, strict: bool = True) -> Iterator[Frame]:
     that cannot be read raises ``InputError`` when ``strict``; otherwise it is a frame with a
     ``problem`` (the reason the worker would dead-letter it for), and reading goes on.
     """
+    opened = open_lines(source)
+    if opened is None:
+        return
+    if opened.format == "sse":
+        yield from sse_frames(opened, strict)
+    else:
+        yield from _jsonl_frames(opened.lines, opened.first_number, strict)
+
+
+class OpenedLines(NamedTuple):
+    """A capture's lines from its first meaningful one (numbered ``first_number``, BOM
+    dropped), and the format that line tells."""
+
+    format: str
+    lines: Iterator[str]
+    first_number: int
+
+
+def open_lines(source: Lines) -> OpenedLines | None:
+    """``source`` from its first meaningful line, with its format; None when it has none."""
     # JSON Lines need no line ends split off (JSON ignores them): only SSE gets split_lines
     lines = iter(_LINE_END.split(source) if isinstance(source, str) else source)
-    number = 0
-    for line in lines:
-        number += 1
+    for number, line in enumerate(lines, start=1):
         if number == 1:
             line = line.lstrip("\ufeff")
         if line.strip():
-            break
-    else:
-        return
-    rest = chain((line,), lines)
-    if _format_of(line) == "sse":
-        yield from _sse_frames(iter_sse_events(rest, number), strict)
-    else:
-        yield from _jsonl_frames(rest, number, strict)
+            return OpenedLines(_format_of(line), chain((line,), lines), number)
+    return None
 
 
-def _sse_frames(events: Iterable[SseEvent], strict: bool) -> Iterator[Frame]:
+def sse_frames(opened: OpenedLines, strict: bool) -> Iterator[Frame]:
+    """The frames of an SSE capture (``open_lines`` told its format)."""
     stream = 0
-    for event in events:
+    for event in iter_sse_events(opened.lines, opened.first_number):
         if event.event == "error":
             frame = _error_event_frame(event)
         else:
@@ -160,23 +173,37 @@ def _sse_frames(events: Iterable[SseEvent], strict: bool) -> Iterator[Frame]:
 
 
 def _jsonl_frames(lines: Iterable[str], first_number: int, strict: bool) -> Iterator[Frame]:
-    """The per-line loop of a JSON Lines capture: a chunk object (most lines) is read in place,
-    with its line end if it has one (``raw`` keeps it; JSON ignores it)."""
-    loads, decode_error, chunk, new = codec.loads_raw, codec.RawDecodeError, _CHUNK, tuple.__new__
     for number, raw in enumerate(lines, start=first_number):
-        if raw[:1] == "{":
-            try:
-                payload = loads(raw)
-            except decode_error as exc:
-                problem = InvalidRecord("invalid_json", codec.reason(exc))
-                yield _bad(number, raw.rstrip("\r\n"), problem, strict)
-                continue
-            if "kind" in payload and "choices" not in payload:
-                yield _envelope(number, payload, raw.rstrip("\r\n"), strict)
-            else:  # Frame(number, chunk, payload, raw=raw), without the NamedTuple's __new__
-                yield new(Frame, (number, chunk, payload, None, None, None, raw, None))
-        elif raw and not raw.isspace():
-            yield _payload_frame(number, raw.rstrip("\r\n"), strict)
+        frame = jsonl_frame(number, raw, strict)
+        if frame is not None:
+            yield frame
+
+
+def jsonl_frame(number: int, raw: str, strict: bool) -> Frame | None:
+    """The frame of JSON Lines line ``number`` (None: a blank line). A chunk object (most
+    lines) keeps its line end in ``raw`` if it has one (JSON ignores it)."""
+    if raw[:1] == "{":
+        try:
+            payload = codec.loads_raw(raw)
+        except codec.RawDecodeError as exc:
+            return _bad(number, raw.rstrip("\r\n"), InvalidRecord("invalid_json", codec.reason(exc)), strict)
+        if is_envelope(payload):
+            return _envelope(number, payload, raw.rstrip("\r\n"), strict)
+        return chunk_frame(number, payload, raw)
+    if raw and not raw.isspace():
+        return _payload_frame(number, raw.rstrip("\r\n"), strict)
+    return None
+
+
+def is_envelope(obj: dict[str, Any]) -> bool:
+    """A JSON Lines object that is an envelope, not a chunk."""
+    return "kind" in obj and "choices" not in obj
+
+
+def chunk_frame(number: int, payload: dict[str, Any], raw: str) -> Frame:
+    """``Frame(number, CHUNK, payload, raw=raw)``, without the NamedTuple's ``__new__``: the
+    frame of a chunk line."""
+    return tuple.__new__(Frame, (number, _CHUNK, payload, None, None, None, raw, None))
 
 
 def _bad(line: int, raw: str, problem: InvalidRecord, strict: bool, key: str | None = None) -> Frame:
@@ -244,33 +271,53 @@ def frames_to_keys(frames: Iterable[Frame]) -> Iterator[tuple[str, Frame]]:
     frames, Snowflake Cortex's every chunk) belongs to the completion of its stream, or in JSON
     Lines of the previous frame, or of the next one when it comes first. A stream (or input) in
     which no frame names a completion is one completion, keyed ``""``."""
-    last_key: str | None = None
-    stream: int | None = None  # the SSE stream being read, and its key once a chunk names it
-    stream_key: str | None = None
-    waiting: list[Frame] = []
+    keys = FrameKeys()
     for frame in frames:
+        yield from keys.assign(frame)
+    yield from keys.end()
+
+
+class FrameKeys:
+    """``frames_to_keys`` one frame at a time. ``last_key`` and ``waiting`` are read and set
+    by a caller that keys a JSON Lines chunk with an id itself: with nothing ``waiting``, that
+    frame's key is its id, and ``last_key`` becomes it."""
+
+    __slots__ = ("last_key", "stream", "stream_key", "waiting")
+
+    def __init__(self) -> None:
+        self.last_key: str | None = None
+        self.stream: int | None = None  # the SSE stream being read, and its key once a chunk names it
+        self.stream_key: str | None = None
+        self.waiting: list[Frame] = []
+
+    def assign(self, frame: Frame) -> list[tuple[str, Frame]]:
+        """The frames keyed now: ``frame`` with the frames waiting for a key before it, or
+        none while no frame of its stream has named its completion."""
         _, kind, payload, key, _, frame_stream, _, _ = frame  # one unpacking: the per-frame path
-        if frame_stream != stream:
-            if waiting:  # a stream ended without any id
-                yield from (("", early) for early in waiting)
-                waiting.clear()
-            stream, stream_key = frame_stream, None
+        keyed: list[tuple[str, Frame]] = []
+        if frame_stream != self.stream:
+            keyed = self.end()  # a stream ended without any id
+            self.stream, self.stream_key = frame_stream, None
         if not key and kind is _CHUNK and payload is not None:
             key = payload.get("id")
             if type(key) is not str or not key:
                 key = None
-            elif stream is not None:
-                key = stream_key = stream_key or key
+            elif frame_stream is not None:
+                key = self.stream_key = self.stream_key or key
         if not key:
-            key = last_key if stream is None else stream_key
+            key = self.last_key if frame_stream is None else self.stream_key
             if key is None:
-                waiting.append(frame)
-                continue
-        if waiting:
-            for early in waiting:
-                yield key, early
-            waiting.clear()
-        last_key = key
-        yield key, frame
-    for early in waiting:
-        yield "", early
+                self.waiting.append(frame)
+                return keyed
+        if self.waiting:
+            keyed.extend((key, early) for early in self.waiting)
+            self.waiting.clear()
+        self.last_key = key
+        keyed.append((key, frame))
+        return keyed
+
+    def end(self) -> list[tuple[str, Frame]]:
+        """The frames still waiting (their stream or the input ended without an id): keyed ``""``."""
+        keyed = [("", early) for early in self.waiting]
+        self.waiting.clear()
+        return keyed
