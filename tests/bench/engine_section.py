@@ -20,6 +20,7 @@ from chunkfold.core import codec
 from chunkfold.core.engine import KAFKA_OPTIONS, FoldOptions, fold
 from chunkfold.core.records import decode_record
 from chunkfold.core.state import AnyState, CompletionState, encode_state
+from tests.bench.audio_streams import audio_records, fold_records
 from tests.bench.context import BenchContext, SectionResult, Verdict
 from tests.bench.measure import Timing, best_time, deep_size
 from tests.bench.streams import KINDS, Stream, make_stream, sdk_inputs
@@ -34,6 +35,9 @@ MEMORY_CONSTANT = 16 * 1024
 CHECK_N = 256
 SNAPSHOT_PROBE_N = 256
 BUSY_SHARE = 0.9
+AUDIO_FLUSH_EVERY = 64
+"""Records between two write-behind flushes of the audio stream (the worker flushes every 1 s)."""
+CHANGELOG_TARGET = 3.0
 SNAPSHOT_OPTIONS = FoldOptions(snapshots=True, partial_parse=True)
 
 
@@ -175,6 +179,36 @@ def _linearity(ctx: BenchContext, results: _Results) -> tuple[float, str]:
     return worst, worst_kind
 
 
+def _growing_strings(ctx: BenchContext, results: _Results) -> tuple[float, float]:
+    """Linearity of an audio answer (strings of the message outside the text buffers), and
+    what its write-behind writes against the audio it holds."""
+    lo, hi = SIZES[0], SIZES[-1]
+    ctx.out(
+        f"\n== engine: an audio answer's strings (audio.data, audio.transcript), chunkfold us/chunk at "
+        f"N={hi} / at N={lo} (target <= {LINEARITY_TARGET:g}x) =="
+    )
+    per_chunk = {}
+    for n in (lo, hi):
+        records = audio_records(n, ctx.seed)
+        timing = results.timed(partial(fold_records, records), ctx)
+        per_chunk[n] = timing.seconds / n * 1e6
+    ratio = round(per_chunk[hi] / per_chunk[lo], 2)
+    ctx.out(f"{'kind':<12}{f'N={lo}':>10}  {f'N={hi}':>10}  {'ratio':>7}")
+    ctx.out(f"{'audio':<12}{per_chunk[lo]:>10.2f}  {per_chunk[hi]:>10.2f}  {ratio:>6.2f}x")
+    records = audio_records(hi, ctx.seed)
+    _, written = fold_records(records, flush_every=AUDIO_FLUSH_EVERY)
+    audio = sum(
+        len(orjson.loads(r.value)["choices"][0]["delta"].get("audio", {}).get("data", ""))
+        for r in records[:-1]
+    )
+    changelog = written / audio
+    ctx.out(
+        f"changelog: a flush every {AUDIO_FLUSH_EVERY} records wrote {written:,} B for {audio:,} B of "
+        f"base64 audio ({changelog:.2f}x; target <= {CHANGELOG_TARGET:g}x)"
+    )
+    return ratio, changelog
+
+
 def _state(stream: Stream, upto: int) -> CompletionState:
     state = fold_stream(stream, upto=upto)
     assert isinstance(state, CompletionState)
@@ -275,6 +309,7 @@ def run(ctx: BenchContext) -> SectionResult:
     mismatched = _check(ctx, streams)
     _throughput(ctx, streams, results)
     worst_linearity, worst_kind = _linearity(ctx, results)
+    audio_linearity, audio_changelog = _growing_strings(ctx, results)
     _memory(ctx, streams, results)
     _snapshots(ctx, streams, results)
     gc.unfreeze()
@@ -303,6 +338,11 @@ def run(ctx: BenchContext) -> SectionResult:
             f"linearity N={hi} vs N={lo}: worst {worst_linearity:.2f}x ({worst_kind}) "
             f"(target <= {LINEARITY_TARGET:g}x)",
             worst_linearity <= LINEARITY_TARGET,
+        ),
+        Verdict(
+            f"audio answer: linearity N={hi} vs N={lo} {audio_linearity:.2f}x (target <= {LINEARITY_TARGET:g}x), "
+            f"changelog {audio_changelog:.2f}x the audio (target <= {CHANGELOG_TARGET:g}x)",
+            audio_linearity <= LINEARITY_TARGET and audio_changelog <= CHANGELOG_TARGET,
         ),
         Verdict(
             f"memory at N={hi}: retained worst {retained.retained / retained.text:.2f}x ({retained.kind}), "

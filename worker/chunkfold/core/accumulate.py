@@ -230,7 +230,7 @@ def accumulate_choice(
                 cs.role = value
         elif key != "tool_calls":
             provider = not (options.sdk or key in SDK_ACCUMULATED_FIELDS)
-            _accumulate_value(cs.message_extra, key, value, provider)
+            _accumulate_value(cs.message_extra, key, value, provider, grow=True)
 
     touched: list[tuple[ToolCallState, str]] = []
     if tool_indexes:
@@ -297,7 +297,10 @@ def _split_content_parts(state: CompletionState, cs: ChoiceState, delta: dict[st
     if other:
         state.counters.unknown_content_parts += len(other)
         parts = cs.message_extra.get(CONTENT_PARTS_FIELD)
-        cs.message_extra[CONTENT_PARTS_FIELD] = [*parts, *other] if isinstance(parts, list) else other
+        if isinstance(parts, list):
+            parts.extend(other)  # in place: O(the chunk's parts), not O(all parts so far)
+        else:
+            cs.message_extra[CONTENT_PARTS_FIELD] = other
     return plain
 
 
@@ -375,7 +378,9 @@ def _partial_parse(
                     raise StreamError("ValueError", str(exc)) from None
 
 
-def _accumulate_value(acc: dict[str, Any], key: str, value: Any, provider: bool = False) -> None:
+def _accumulate_value(
+    acc: dict[str, Any], key: str, value: Any, provider: bool = False, *, grow: bool = False
+) -> None:
     """openai-python's ``accumulate_delta`` for one key of fields chunkfold has no buffer for
     (``function_call``, ``audio``, provider extras): strings and numbers add up, dicts merge,
     lists of indexed entries merge by ``index``, ``index``/``type`` are replaced.
@@ -384,11 +389,17 @@ def _accumulate_value(acc: dict[str, Any], key: str, value: Any, provider: bool 
     ``IDENTITY_FIELDS`` member keeps its last non-null value, and a value equal to the whole
     value so far is a repeat, kept once (identity fields no one has listed yet; a repeated
     annotations object). So a text field that really streams is appended, except a second delta
-    equal to the first: ``"ab"`` then ``"ab"`` stays ``"ab"``."""
+    equal to the first: ``"ab"`` then ``"ab"`` stays ``"ab"``.
+
+    ``grow`` (``message_extra``): a string appended to becomes a ``bytearray`` of its UTF-8 in
+    place, appended to from then on (amortized O(the delta), where ``str`` concatenation copies
+    the whole string each time: an audio stream's ``data`` runs to megabytes). Such a leaf stays
+    a growing buffer for good: nothing here replaces it (a repeat of its whole text keeps it)."""
     if provider and value is not None:
         current = acc.get(key)
-        if key in IDENTITY_FIELDS or (type(current) is type(value) and current == value):
-            acc[key] = value
+        if key in IDENTITY_FIELDS or _same_text(current, value):
+            if type(current) is not bytearray:
+                acc[key] = value
             return
     if acc.get(key) is None:
         if isinstance(value, list) and any(isinstance(v, dict) and "index" in v for v in value):
@@ -399,8 +410,10 @@ def _accumulate_value(acc: dict[str, Any], key: str, value: Any, provider: bool 
     current = acc[key]
     if key in ("index", "type"):
         acc[key] = value
+    elif type(current) is bytearray and isinstance(value, str):
+        current += value.encode("utf-8")
     elif isinstance(current, str) and isinstance(value, str):
-        acc[key] = current + value
+        acc[key] = bytearray(f"{current}{value}".encode()) if grow else current + value
     elif (
         isinstance(current, (int, float)) and isinstance(value, (int, float)) and not isinstance(value, bool)
     ):
@@ -408,7 +421,7 @@ def _accumulate_value(acc: dict[str, Any], key: str, value: Any, provider: bool 
     elif isinstance(current, dict) and isinstance(value, dict):
         merged = dict(current)
         for sub_key, sub_value in value.items():
-            _accumulate_value(merged, sub_key, sub_value, provider)
+            _accumulate_value(merged, sub_key, sub_value, provider, grow=grow)
         acc[key] = merged
     elif isinstance(current, list) and isinstance(value, list):
         indexed = [v for v in value if isinstance(v, dict) and isinstance(v.get("index"), int)]
@@ -429,6 +442,13 @@ def _accumulate_value(acc: dict[str, Any], key: str, value: Any, provider: bool 
                 merged_list.append(entry)
             else:
                 holder = {"v": merged_list[position]}
-                _accumulate_value(holder, "v", entry, provider)
+                _accumulate_value(holder, "v", entry, provider, grow=grow)
                 merged_list[position] = holder["v"]
         acc[key] = merged_list
+
+
+def _same_text(current: Any, value: Any) -> bool:
+    """``value`` repeats the whole of ``current`` (a growing buffer compared as its text)."""
+    if type(current) is bytearray:
+        return type(value) is str and len(value) <= len(current) and current == value.encode("utf-8")
+    return type(current) is type(value) and current == value

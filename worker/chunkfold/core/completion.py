@@ -14,7 +14,7 @@ from typing import Any
 
 from chunkfold.core import shape
 from chunkfold.core.logprobs import logprobs_value
-from chunkfold.core.state import ChoiceState, CompletionState, ToolCallState
+from chunkfold.core.state import ChoiceState, CompletionState, ToolCallState, text_leaves
 from chunkfold.core.validation import VALIDATION_STEPS, Budget, SchemaValidationError, parse_and_validate
 
 TRUNCATING_FINISH_REASONS = ("length", "content_filter")
@@ -82,7 +82,7 @@ def _choice_dump(
     parse = cs.finish_reason not in TRUNCATING_FINISH_REASONS and (
         parse_unfinished or cs.finish_reason is not None
     )
-    message: dict[str, Any] = dict(cs.message_extra)
+    message: dict[str, Any] = dict(text_leaves(cs.message_extra))
     message["role"] = cs.role
     for name in cs.text:
         message[name] = cs.text_of(name)

@@ -3,6 +3,9 @@
 Text that grows with the completion (content, refusal, reasoning, tool arguments, logprob
 entries) is held in ``bytearray`` buffers of UTF-8 / JSON: appending is amortized O(1) and the
 memory held is close to the text itself. Nothing here re-encodes the whole snapshot per chunk.
+So is a string of ``message_extra`` (``audio.data``, ``function_call.arguments``, a provider's
+streamed field) once a second delta appends to it: that leaf becomes a ``bytearray`` in place
+(``text_leaves`` gives the plain value back), persisted as a buffer of its own.
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ it). 5: the counters end with ``id_mismatches`` and ``unknown_content_parts``, a
 hold ``other_ids`` and a tombstone ``awaits_done`` (a v3/v4 state is read with the counters 0,
 no ids and no awaited ``[DONE]``). 6: an open state and a tombstone may hold ``events_from``, a
 tombstone its ``event_count`` (a v3-v5 state is read with neither: None)."""
+EXTRA_TEXT_VERSION = 7
+"""A state whose ``message_extra`` holds growing strings (``extra_text``: their paths and
+buffers; the leaves themselves written as null). Only such a state is written as v7, so a
+worker of an older release refuses it as unreadable instead of misreading it, and still reads
+every other state."""
 
 MAX_OTHER_IDS = 8
 """How many distinct chunk ids other than the completion's own a done record lists (the count
@@ -286,6 +294,8 @@ def state_to_dict(state: AnyState, buffers: BufferCodec = FULL, *, compact: bool
             state.last_activity_ms,
         ],
     }
+    if any("extra_text" in choice for choice in data["choices"]):
+        data["v"] = EXTRA_TEXT_VERSION
     if state.other_ids:  # absent otherwise: the common state keeps its bytes
         data["other_ids"] = state.other_ids
     if state.events_from is not None:
@@ -297,13 +307,14 @@ def state_to_dict(state: AnyState, buffers: BufferCodec = FULL, *, compact: bool
 
 def _choice_to_dict(c: ChoiceState, buffers: BufferCodec, compact: bool) -> dict[str, Any]:
     i = c.index
+    message_extra, leaves = split_text_leaves(c.message_extra)
     data = {
         "index": i,
         "extra": c.choice_extra,
         "finish_reason": c.finish_reason,
         "role": c.role,
         "text": {k: buffers.dump(f"{i}:t:{k}", v) for k, v in c.text.items()},
-        "message_extra": c.message_extra,
+        "message_extra": message_extra,
         "tools": [
             [
                 t.index,
@@ -337,7 +348,60 @@ def _choice_to_dict(c: ChoiceState, buffers: BufferCodec, compact: bool) -> dict
     }
     if c.wire_tools:  # absent otherwise: states without remapped calls keep their bytes
         data["wire_tools"] = [[wire, index] for wire, index in c.wire_tools.items()]
+    if leaves:  # absent otherwise, and the state v6
+        data["extra_text"] = {path: buffers.dump(f"{i}:x:{path}", buf) for path, buf in leaves.items()}
     return data
+
+
+def text_leaves(value: Any) -> Any:
+    """``value`` (``message_extra`` or a part of it) with each growing string (a ``bytearray``
+    leaf) as the ``str`` it holds. Copies only the containers on the way to such a leaf."""
+    if type(value) is bytearray:
+        return value.decode("utf-8")
+    if type(value) is dict:
+        plain = None
+        for key, member in value.items():
+            converted = text_leaves(member)
+            if converted is not member:
+                plain = plain if plain is not None else dict(value)
+                plain[key] = converted
+        return value if plain is None else plain
+    if type(value) is list:
+        items = [text_leaves(item) for item in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+    return value
+
+
+def split_text_leaves(value: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytearray]]:
+    """``value`` with null for each ``bytearray`` leaf, and those leaves by path (the JSON of
+    the list of keys and list positions leading to them). ``value`` itself when it has none."""
+    leaves: dict[str, bytearray] = {}
+    stripped = _strip_leaves(value, [], leaves)
+    return stripped, leaves
+
+
+def _strip_leaves(value: Any, path: list[str | int], leaves: dict[str, bytearray]) -> Any:
+    if type(value) is bytearray:
+        leaves[codec.dumps(path).decode("utf-8")] = value
+        return None
+    members: Any = value.items() if type(value) is dict else enumerate(value) if type(value) is list else ()
+    copy: Any = None
+    for key, member in members:
+        stripped = _strip_leaves(member, [*path, key], leaves)
+        if stripped is not member:
+            copy = copy if copy is not None else (dict(value) if type(value) is dict else list(value))
+            copy[key] = stripped
+    return value if copy is None else copy
+
+
+def _join_text_leaves(value: dict[str, Any], leaves: dict[str, bytearray | None]) -> None:
+    """Put each buffer of ``leaves`` back at its path in ``value`` (which holds null there)."""
+    for path_json, buf in leaves.items():
+        *parents, last = codec.loads(path_json)
+        node: Any = value
+        for key in parents:
+            node = node[key]
+        node[last] = buf
 
 
 class StateVersionError(ValueError):
@@ -360,7 +424,7 @@ def state_from_dict(
             data["choices"] = [{**c, "logprobs": [*c["logprobs"], c["logprobs"][0]]} for c in data["choices"]]
     if data.get("v") in (3, 4, 5):  # fewer counters (read as 0), no events_from / event_count
         data = {**data, "v": STATE_VERSION}
-    if data.get("v") != STATE_VERSION:
+    if data.get("v") not in (STATE_VERSION, EXTRA_TEXT_VERSION):
         raise StateVersionError(f"unsupported state version {version!r}")
     if data.get("closed"):
         return ClosedCompletion(
@@ -411,6 +475,10 @@ def state_from_dict(
             parsed_partial=raw["parsed_partial"],
             wire_tools={wire: index for wire, index in raw.get("wire_tools", ())},
         )
+        extra_text = raw.get("extra_text")
+        if extra_text:
+            leaves = {path: buffers.load(f"{i}:x:{path}", v) for path, v in extra_text.items()}
+            _join_text_leaves(choice.message_extra, leaves)
         for index, id_, type_, name, args, extra, fextra, done, partial, seen in raw["tools"]:
             arguments = buffers.load(f"{i}:a:{index}", args) or bytearray()
             choice.tools[index] = ToolCallState(
