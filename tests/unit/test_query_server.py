@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -17,6 +18,7 @@ import pytest
 from aiohttp import web
 
 from chunkfold.config import Settings
+from chunkfold.query import tokens as tokens_module
 from chunkfold.query.resume import sse_frame
 from chunkfold.query.server import FORWARDED_HEADER, no_commit_in_flight, serve_queries
 from tests.postgres import free_port
@@ -114,6 +116,7 @@ async def start_member(
     owners: FakeOwners,
     *,
     token: str | None,
+    token_file: Path | None = None,
     guarantee: str = "at_least_once",
     between_commits: Callable[[], Awaitable[None]] = no_commit_in_flight,
     keep_alive_s: float = 15.0,
@@ -122,6 +125,7 @@ async def start_member(
         bootstrap_servers="unused:9092",
         query_port=port,
         query_token=token,
+        query_token_file=token_file,
         processing_guarantee=guarantee,
     )
     events = FakeEvents()
@@ -277,6 +281,43 @@ def test_forwarding_carries_the_token() -> None:
                 status, _, body = await f.get(b, OWNED_BY_A)
                 assert status == 502
                 assert "401" in orjson.loads(body)["error"]
+        finally:
+            await runner_a.cleanup()
+            await runner_b.cleanup()
+
+    run(test)
+
+
+def test_a_member_that_rotated_its_token_forwards_to_one_that_has_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B's token file changes (a Secret update reaches B first): clients with the new token are
+    answered by B, and B's forward to A, which still knows only the old token, is retried with
+    the old one; A refuses the new one until its own file changes."""
+    monkeypatch.setattr(tokens_module, "CHECK_EVERY_S", 0.0)
+
+    async def test() -> None:
+        port_a, port_b = free_port(), free_port()
+        urls = {0: f"http://127.0.0.1:{port_a}", 1: f"http://127.0.0.1:{port_b}"}
+        a, runner_a = await start_member(
+            port_a, FakeProcessor("a", {0}, {OWNED_BY_A}), FakeOwners(urls), token=TOKEN
+        )
+        token_file = tmp_path / "token"
+        token_file.write_text(TOKEN)
+        b, runner_b = await start_member(
+            port_b, FakeProcessor("b", {1}, {OWNED_BY_B}), FakeOwners(urls), token=None, token_file=token_file
+        )
+        try:
+            async with aiohttp.ClientSession() as session:
+                token_file.write_text("rotated-" + TOKEN)
+                f = Fleet(a, b, session, "rotated-" + TOKEN)
+                status, _, body = await f.get(b, OWNED_BY_A)
+                assert status == 200 and orjson.loads(body) == snapshot_of(OWNED_BY_A, "a")
+                status, _, _ = await f.get(a, OWNED_BY_A)
+                assert status == 401
+                f.token = TOKEN  # a client that has not seen the rotation: B still lets it in
+                status, _, _ = await f.get(b, OWNED_BY_B)
+                assert status == 200
         finally:
             await runner_a.cleanup()
             await runner_b.cleanup()

@@ -1,7 +1,7 @@
 """The query listener: any member of the group answers for any completion.
 
 Routes (every one requires ``Authorization: Bearer <token>`` when a token is configured; 401
-with ``WWW-Authenticate: Bearer`` otherwise):
+with ``WWW-Authenticate: Bearer`` otherwise; a token file is followed as it changes, ``tokens``):
 
 * ``GET /completions/{id}``: the completion as it stands (``Processor.snapshot``), 200 JSON;
   404 when its owner holds nothing for that id.
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import re
 import time
@@ -43,6 +42,7 @@ from yarl import URL
 from chunkfold.config import Settings
 from chunkfold.query.owners import Owners
 from chunkfold.query.resume import sse_frame
+from chunkfold.query.tokens import BearerTokens
 
 log = logging.getLogger("chunkfold.query")
 
@@ -109,6 +109,7 @@ class Queries:
         events: EventsReader,
         between_commits: Callable[[], Awaitable[None]],
         session: aiohttp.ClientSession,
+        tokens: BearerTokens,
         keep_alive_s: float = KEEP_ALIVE_S,
     ) -> None:
         self.processor = processor
@@ -120,11 +121,7 @@ class Queries:
         self.session = session
         self.own_url = settings.query_url()
         self.committed = settings.processing_guarantee == "exactly_once"
-        token = settings.query_bearer_token()
-        self.expected_authorization = None if token is None else f"Bearer {token}".encode()
-        self.forward_headers = {FORWARDED_HEADER: "1"}
-        if token is not None:
-            self.forward_headers["Authorization"] = f"Bearer {token}"
+        self.tokens = tokens
 
     # -- routing ------------------------------------------------------------------------
 
@@ -157,21 +154,29 @@ class Queries:
         return await self.forward(url, completion_id)
 
     async def forward(self, url: str, completion_id: str) -> bytes | None:
+        """The owner's answer: with this member's token, then (an owner that refuses it has not
+        seen a rotation yet) with the previous one while its grace lasts."""
         target = URL(f"{url}/completions/{quote(completion_id, safe='')}", encoded=True)
-        try:
-            async with self.session.get(
-                target, headers=self.forward_headers, timeout=FORWARD_TIMEOUT
-            ) as answer:
-                body = await answer.read()
-                if answer.status == 200:
-                    return body
-                if answer.status == 404:
-                    return None
-                if answer.status == 503:
-                    raise Unavailable(f"the owner {url} cannot answer now: {_reason(body)}")
-                raise OwnerFailed(f"the owner {url} answered {answer.status}: {_reason(body)}")
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise Unavailable(f"the owner {url} is unreachable ({type(exc).__name__})") from None
+        tokens = self.tokens.for_forwarding()
+        for attempt, token in enumerate(tokens, start=1):
+            headers = {FORWARDED_HEADER: "1"}
+            if token is not None:
+                headers["Authorization"] = f"Bearer {token}"
+            try:
+                async with self.session.get(target, headers=headers, timeout=FORWARD_TIMEOUT) as answer:
+                    body = await answer.read()
+                    if answer.status == 200:
+                        return body
+                    if answer.status == 404:
+                        return None
+                    if answer.status == 503:
+                        raise Unavailable(f"the owner {url} cannot answer now: {_reason(body)}")
+                    if answer.status == 401 and attempt < len(tokens):
+                        continue
+                    raise OwnerFailed(f"the owner {url} answered {answer.status}: {_reason(body)}")
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise Unavailable(f"the owner {url} is unreachable ({type(exc).__name__})") from None
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def patient_snapshot(self, completion_id: str) -> dict[str, Any] | None:
         """The snapshot, waiting out a rebalance for up to ``RESUME_PATIENCE_S`` (a resume stream
@@ -195,10 +200,9 @@ class Queries:
     ) -> web.StreamResponse:
         """The bearer token (compared in constant time), then the handler; ``Unavailable`` and
         ``OwnerFailed`` become 503 and 502, ``BadRequest`` 400."""
-        if self.expected_authorization is not None:
-            given = request.headers.get("Authorization", "").encode("utf-8", "replace")
-            if not hmac.compare_digest(given, self.expected_authorization):
-                return _error(401, "a valid bearer token is required", {"WWW-Authenticate": "Bearer"})
+        given = request.headers.get("Authorization", "").encode("utf-8", "replace")
+        if not self.tokens.accepts(given):
+            return _error(401, "a valid bearer token is required", {"WWW-Authenticate": "Bearer"})
         try:
             return await handler(request)
         except Unavailable as exc:
@@ -334,9 +338,18 @@ async def serve_queries(
     ``between_commits`` returns at a moment no commit is in flight (an exactly_once worker's
     snapshot must not see state applied for a transaction not committed yet), and the snapshot
     is taken right after it, without yielding to the event loop."""
+    tokens = BearerTokens(settings)
     session = aiohttp.ClientSession()
     queries = Queries(
-        settings, processor, owners, partitions_of_input, events, between_commits, session, keep_alive_s
+        settings,
+        processor,
+        owners,
+        partitions_of_input,
+        events,
+        between_commits,
+        session,
+        tokens,
+        keep_alive_s,
     )
     app = web.Application(middlewares=[queries.guard])
     app.router.add_get("/completions/{id}", queries.completion)
