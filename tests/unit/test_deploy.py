@@ -375,6 +375,7 @@ def test_query_listener_is_on_behind_a_token_and_advertises_the_pods_address(
         if volumes.get(m["name"], {}).get("secret", {}).get("secretName") == QUERY_SECRET
     ]
     assert mount["readOnly"] is True
+    assert "subPath" not in mount, "a subPath mount never sees a Secret update: rotation needs the directory"
     directory, _, key = str(settings.query_token_file).rpartition("/")
     assert directory == mount["mountPath"] and key in secret["stringData"]
     assert settings.query_token is None, "the token is a file of the Secret, never a ConfigMap value"
