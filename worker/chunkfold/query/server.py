@@ -157,26 +157,22 @@ class Queries:
         """The owner's answer: with this member's token, then (an owner that refuses it has not
         seen a rotation yet) with the previous one while its grace lasts."""
         target = URL(f"{url}/completions/{quote(completion_id, safe='')}", encoded=True)
-        tokens = self.tokens.for_forwarding()
-        for attempt, token in enumerate(tokens, start=1):
-            headers = {FORWARDED_HEADER: "1"}
-            if token is not None:
-                headers["Authorization"] = f"Bearer {token}"
-            try:
-                async with self.session.get(target, headers=headers, timeout=FORWARD_TIMEOUT) as answer:
-                    body = await answer.read()
-                    if answer.status == 200:
-                        return body
-                    if answer.status == 404:
-                        return None
-                    if answer.status == 503:
-                        raise Unavailable(f"the owner {url} cannot answer now: {_reason(body)}")
-                    if answer.status == 401 and attempt < len(tokens):
-                        continue
-                    raise OwnerFailed(f"the owner {url} answered {answer.status}: {_reason(body)}")
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                raise Unavailable(f"the owner {url} is unreachable ({type(exc).__name__})") from None
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        *first, last = self.tokens.for_forwarding()
+        for token in first:
+            status, body = await self._ask_owner(url, target, token)
+            if status != 401:
+                return _owner_answer(url, status, body)
+        return _owner_answer(url, *await self._ask_owner(url, target, last))
+
+    async def _ask_owner(self, url: str, target: URL, token: str | None) -> tuple[int, bytes]:
+        headers = {FORWARDED_HEADER: "1"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        try:
+            async with self.session.get(target, headers=headers, timeout=FORWARD_TIMEOUT) as answer:
+                return answer.status, await answer.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise Unavailable(f"the owner {url} is unreachable ({type(exc).__name__})") from None
 
     async def patient_snapshot(self, completion_id: str) -> dict[str, Any] | None:
         """The snapshot, waiting out a rebalance for up to ``RESUME_PATIENCE_S`` (a resume stream
@@ -289,6 +285,17 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return web.Response(
         status=status, body=orjson.dumps({"error": message}), content_type=JSON_CONTENT_TYPE, headers=headers
     )
+
+
+def _owner_answer(url: str, status: int, body: bytes) -> bytes | None:
+    """A forwarded snapshot: the owner's body (200), None (404), or why there is none."""
+    if status == 200:
+        return body
+    if status == 404:
+        return None
+    if status == 503:
+        raise Unavailable(f"the owner {url} cannot answer now: {_reason(body)}")
+    raise OwnerFailed(f"the owner {url} answered {status}: {_reason(body)}")
 
 
 def _reason(body: bytes) -> str:
