@@ -25,6 +25,8 @@ pytestmark = pytest.mark.unit
 
 SETTINGS = Settings(max_record_bytes=4096, max_message_bytes=64 * 1024)
 """Small limits, so that the generated lines and keys fall on both sides of the size rules."""
+SNAPSHOT_SETTINGS = SETTINGS.model_copy(update={"snapshots": True, "partial_parse": True})
+"""``--snapshots --partial-parse``: every chunk takes the engine's general path."""
 HOSTILE_LINES = [
     "{not json",
     "",
@@ -140,11 +142,12 @@ def run(
 def test_the_plain_loop_publishes_what_the_per_frame_path_publishes(seed: int) -> None:
     text = capture(seed)
     request = structured_request() if seed % 3 == 0 else None
+    settings = SNAPSHOT_SETTINGS if seed % 4 == 1 else SETTINGS
     # as one string, and as the CLI reads a file: lines with their (universal) line ends
     for source in (text, list(io.StringIO(text, newline=None))):
         for strict in (False, True):
-            fast = run(source, request, SETTINGS, strict=strict, by_frames=False)
-            general = run(source, request, SETTINGS, strict=strict, by_frames=True)
+            fast = run(source, request, settings, strict=strict, by_frames=False)
+            general = run(source, request, settings, strict=strict, by_frames=True)
             assert fast[0] == general[0], (seed, strict)
             assert fast[1] == general[1] and fast[2] == general[2], (seed, strict)
             assert fast[0] or fast[2]
