@@ -226,22 +226,15 @@ class _Replay:
         """The lines of a JSON Lines capture. A plain chunk line (most lines: an object with a
         non-empty ``id``, of an open completion, short enough for the size rules to pass at a
         glance, with no frame waiting for its key) is keyed by its id and folded here, without
-        the frame and key layers; one whose fold is anything but events in place goes on to
-        ``settle``, and every other line through ``jsonl_frame``, ``FrameKeys`` and ``frame``.
-        A line has one parse: the frame of a parsed line is made from its payload."""
+        the frame and key layers, and a fold in place published by ``_outputs`` (what ``settle``
+        does with it); any other fold goes on to ``settle``, and every other line through
+        ``jsonl_frame``, ``FrameKeys`` and ``frame``. A line has one parse: the frame of a
+        parsed line is made from its payload."""
         keys = FrameKeys()
         states, counts, options, limit = self.states, self.counts, self.options, self.limit
-        events_topic = self.settings.events_topic
         # a value or key this short cannot break a size rule (a character is at most 4 bytes)
         short_line, short_key = self.settings.max_record_bytes // 4, self.max_key // 4
-        loads, decode_error, fold, encode, event_value = (
-            codec.loads_raw,
-            codec.RawDecodeError,
-            engine.fold,
-            fit.encode,
-            outputs.event_value,
-        )
-        new = tuple.__new__
+        loads, decode_error, fold = codec.loads_raw, codec.RawDecodeError, engine.fold
         for number, raw in enumerate(lines, start=first_number):
             frame: Frame | None = None
             if raw[:1] == "{":
@@ -266,18 +259,8 @@ class _Replay:
                             outcome = fold(state, key, chunk_record(payload, number, None, None), options)
                         except InvalidRecord as exc:
                             outcome = exc
-                        if (
-                            type(outcome) is engine.FoldResult
-                            and outcome.state is state
-                            and outcome.done is None
-                        ):
-                            raw_key = key.encode("utf-8")
-                            for event in outcome.events:
-                                yield new(
-                                    Published,
-                                    (events_topic, key, encode(event_value(key, event), limit, raw_key)[0]),
-                                )
-                            counts.events += len(outcome.events)
+                        if type(outcome) is engine.FoldResult and outcome.state is state:
+                            yield from _outputs(key, outcome, self.settings, limit, counts)
                         else:
                             yield from self.settle(key, chunk_frame(number, payload, raw), state, outcome)
                         continue
