@@ -10,6 +10,7 @@ streamed field) once a second delta appends to it: that leaf becomes a ``bytearr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -356,41 +357,35 @@ def _choice_to_dict(c: ChoiceState, buffers: BufferCodec, compact: bool) -> dict
 def text_leaves(value: Any) -> Any:
     """``value`` (``message_extra`` or a part of it) with each growing string (a ``bytearray``
     leaf) as the ``str`` it holds. Copies only the containers on the way to such a leaf."""
-    if type(value) is bytearray:
-        return value.decode("utf-8")
-    if type(value) is dict:
-        plain = None
-        for key, member in value.items():
-            converted = text_leaves(member)
-            if converted is not member:
-                plain = plain if plain is not None else dict(value)
-                plain[key] = converted
-        return value if plain is None else plain
-    if type(value) is list:
-        items = [text_leaves(item) for item in value]
-        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
-    return value
+    return _replace_leaves(value, (), lambda _path, buf: buf.decode("utf-8"))
 
 
 def split_text_leaves(value: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytearray]]:
     """``value`` with null for each ``bytearray`` leaf, and those leaves by path (the JSON of
     the list of keys and list positions leading to them). ``value`` itself when it has none."""
     leaves: dict[str, bytearray] = {}
-    stripped = _strip_leaves(value, [], leaves)
+
+    def strip(path: tuple[str | int, ...], buf: bytearray) -> None:
+        leaves[codec.dumps(path).decode("utf-8")] = buf
+
+    stripped = _replace_leaves(value, (), strip)
     return stripped, leaves
 
 
-def _strip_leaves(value: Any, path: list[str | int], leaves: dict[str, bytearray]) -> Any:
+def _replace_leaves(
+    value: Any, path: tuple[str | int, ...], replace: Callable[[tuple[str | int, ...], bytearray], Any]
+) -> Any:
+    """``value`` with each ``bytearray`` leaf replaced by ``replace(its path, it)``, copying
+    only the dicts and lists on the way to one."""
     if type(value) is bytearray:
-        leaves[codec.dumps(path).decode("utf-8")] = value
-        return None
+        return replace(path, value)
     members: Any = value.items() if type(value) is dict else enumerate(value) if type(value) is list else ()
     copy: Any = None
     for key, member in members:
-        stripped = _strip_leaves(member, [*path, key], leaves)
-        if stripped is not member:
+        replaced = _replace_leaves(member, (*path, key), replace)
+        if replaced is not member:
             copy = copy if copy is not None else (dict(value) if type(value) is dict else list(value))
-            copy[key] = stripped
+            copy[key] = replaced
     return value if copy is None else copy
 
 
