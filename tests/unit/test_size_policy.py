@@ -154,7 +154,7 @@ def test_a_value_with_nothing_to_cut_keeps_its_identity() -> None:
 
 def test_a_pre_created_topic_with_a_lower_limit_lowers_the_budget() -> None:
     p = processor()
-    p.limits[p.settings.done_topic] = 64 * 1024
+    p.set_limits({p.settings.done_topic: 64 * 1024})
     out = run(p, content_stream(["x" * 50_000, "y" * 50_000]))
     assert_all_fit(p, out)
     [done] = [o for o in out if o.topic == p.settings.done_topic]
